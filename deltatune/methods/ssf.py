@@ -1,0 +1,133 @@
+"""SSF: Scaling and Shifting your Features (Lian et al., NeurIPS 2022). https://arxiv.org/abs/2210.08823
+
+After every linear, conv and norm op, ``y = x * scale + shift`` over the channel dim; scale ~ N(1, 0.02),
+shift ~ N(0, 0.02). Every site follows a linear op, so it folds into that op exactly::
+
+    W'[i] = scale_i * W[i]        b' = scale * b + shift        (norm affine: w' = scale * w)
+
+and the merged network is the plain architecture with no extra parameters or FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.core import Applied
+from deltatune.registry import register
+from deltatune.targeting import Targets, family, find_sites, innermost, is_delta, resolve_targets, set_module
+
+LINEAR_OPS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_OPS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# The paper's sites are every linear/conv/norm op but the head; Swin's patch-merging reduction is not one.
+PRESETS: dict[str, Targets] = {"*": ".*"}
+EXCLUDE: dict[str, Targets] = {"swin": ["downsample.reduction"]}
+
+
+@register("ssf")
+@dataclass
+class SSFConfig:
+    """Scale and shift the output of every linear, conv and norm layer (the paper's sites by default)."""
+
+    target_modules: Targets | None = None
+    """Sites: a regex over whole names, or a list of names/suffixes. Default: every supported layer but the head."""
+    exclude_modules: Targets | None = None
+    """Sites to leave out (wins over target_modules). Default: the family's exclusions (Swin: downsample.reduction)."""
+    init_std: float = 0.02
+    """Std of the init: scale ~ N(1, std), shift ~ N(0, std)."""
+
+    mergeable: ClassVar[bool] = True
+    name: ClassVar[str]
+
+    def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
+        """Wraps every site in an ``SSF`` module."""
+        targets = resolve_targets(model, self.name, self.target_modules, PRESETS)
+        exclude = self.exclude_modules if self.exclude_modules is not None else EXCLUDE.get(family(model) or "")
+        sites = find_sites(model, self.name, targets, LINEAR_OPS + NORM_OPS, exclude, skip)
+        for name, module in sites:
+            set_module(model, name, SSF(module, self.init_std))
+        return Applied([n for n, _ in sites])
+
+
+def channel_dim(layer: nn.Module) -> int:
+    """The dim of a layer's output that holds its channels: last for Linear/LayerNorm, 1 for NCHW layers."""
+    if isinstance(layer, nn.Linear) or (isinstance(layer, nn.LayerNorm) and type(layer).__name__ != "LayerNorm2d"):
+        return -1
+    return 1
+
+
+def out_channels(layer: nn.Module) -> int:
+    """Number of output channels of a supported layer."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if isinstance(layer, LINEAR_OPS):
+        return layer.out_channels
+    if isinstance(layer, nn.LayerNorm):
+        if len(layer.normalized_shape) != 1:
+            raise ValueError("SSF supports LayerNorm over one dim only")
+        return layer.normalized_shape[0]
+    if isinstance(layer, nn.GroupNorm):
+        return layer.num_channels
+    return layer.num_features
+
+
+def ssf_affine(y: Tensor, scale: Tensor, shift: Tensor, dim: int) -> Tensor:
+    """``y * scale + shift`` with scale/shift broadcast along channel ``dim``."""
+    if dim != -1 and dim != y.ndim - 1:
+        shape = [1] * y.ndim
+        shape[dim] = -1
+        scale, shift = scale.view(shape), shift.view(shape)
+    return torch.addcmul(shift, y, scale)
+
+
+class SSF(nn.Module):
+    """Wraps a layer: its output is scaled and shifted per channel."""
+
+    delta_method = "ssf"
+
+    def __init__(self, base: nn.Module, init_std: float = 0.02):
+        super().__init__()
+        self.base = base
+        self.delta_stage: int | None = None
+        layer = innermost(base)
+        self.dim = channel_dim(layer)
+        ref = next(layer.parameters(), None)
+        kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        channels = out_channels(layer)
+        self.ssf_scale = nn.Parameter(torch.empty(channels, **kw).normal_(1.0, init_std))
+        self.ssf_shift = nn.Parameter(torch.empty(channels, **kw).normal_(0.0, init_std))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ssf_affine(self.base(x), self.ssf_scale, self.ssf_shift, self.dim)
+
+    def delta_parameters(self) -> list[nn.Parameter]:
+        return [self.ssf_scale, self.ssf_shift]
+
+    def merge(self) -> nn.Module | None:
+        """Folds scale and shift into the base layer and returns it (None if the base is another delta)."""
+        if is_delta(self.base):
+            return None
+        fold(self.base, self.ssf_scale.detach(), self.ssf_shift.detach())
+        return self.base
+
+
+@torch.no_grad()
+def fold(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
+    """In place: ``layer(x) * scale + shift`` becomes ``layer(x)``; computed in float64, rounded once."""
+    weight = layer.weight
+    ref = weight if weight is not None else scale
+    s, t = scale.double(), shift.double()
+    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(s)
+    new_bias = (bias * s + t).to(ref.dtype)
+    if weight is None:  # a norm without affine gains one
+        layer.weight = nn.Parameter(scale.to(ref.dtype).clone(), requires_grad=False)
+    else:
+        view = [-1] + [1] * (weight.ndim - 1)
+        weight.copy_((weight.double() * s.view(view)).to(weight.dtype))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias, requires_grad=False)
+    else:
+        layer.bias.copy_(new_bias)

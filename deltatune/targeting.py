@@ -1,0 +1,175 @@
+"""Choosing sites: module-name patterns, module types, per-backbone presets and the classification head.
+
+Rules (as HF peft's): a string is a regular expression matched against the whole module name; a list matches
+exact names or name suffixes (``"attn.qkv"`` matches ``"blocks.0.attn.qkv"``); exclusions win. Modules inside
+an existing delta wrapper are never sites themselves; the wrapper stands for its base layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from deltatune.errors import DeltaTuneError
+
+Targets = str | list[str] | tuple[str, ...]
+
+# Class names (timm and HF transformers) mapped to preset families.
+_FAMILIES = {
+    "VisionTransformer": "vit",
+    "VisionTransformerDistilled": "vit",
+    "Eva": "vit",
+    "SwinTransformer": "swin",
+    "ConvNeXt": "convnext",
+    "MlpMixer": "mixer",
+    "ResMlp": "mixer",
+}
+_HF_FAMILIES = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "electra": "bert", "vit": "hf-vit"}
+_HEAD_NAMES = ("classifier", "head.fc", "head", "fc", "score")
+
+
+def family(model: nn.Module) -> str | None:
+    """The preset family of a model (``vit``, ``swin``, ``convnext``, ``mixer``, ``bert``, ``hf-vit``) or None."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str) and model_type in _HF_FAMILIES:
+        return _HF_FAMILIES[model_type]
+    return _FAMILIES.get(type(model).__name__)
+
+
+def is_delta(module: nn.Module) -> bool:
+    """True for deltatune's wrapper modules (they carry ``delta_method``)."""
+    return hasattr(module, "delta_method")
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """The plain layer under any stack of delta wrappers."""
+    while is_delta(module) and hasattr(module, "base"):
+        module = module.base
+    return module
+
+
+def iter_sites(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every module, not descending into delta wrappers."""
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            yield name, child
+            if not is_delta(child):
+                yield from walk(child, name)
+
+    yield from walk(model, "")
+
+
+def matches(name: str, targets: Targets) -> bool:
+    """Whether a module name is selected by ``targets`` (regex string, or list of names/suffixes)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def resolve_targets(model: nn.Module, method: str, given: Targets | None, presets: dict[str, Targets]) -> Targets:
+    """The user's ``target_modules`` if given, else the preset for the model's family."""
+    if given is not None:
+        return given
+    fam = family(model)
+    if fam in presets:
+        return presets[fam]
+    if "*" in presets:
+        return presets["*"]
+    raise DeltaTuneError(
+        f"method {method!r} has no preset for {type(model).__name__} (presets: {', '.join(sorted(presets))}); "
+        f"pass target_modules=[...] naming its sites, e.g. {candidates(model, (nn.Linear,))}"
+    )
+
+
+def find_sites(
+    model: nn.Module,
+    method: str,
+    targets: Targets,
+    supported: tuple[type, ...],
+    exclude: Targets | None = None,
+    skip: tuple[str, ...] = (),
+) -> list[tuple[str, nn.Module]]:
+    """Modules whose names match ``targets`` (minus ``exclude`` and ``skip`` subtrees), all of a supported type.
+
+    Raises DeltaTuneError when nothing matches or a match is of an unsupported type.
+    """
+    found, bad = [], []
+    for name, module in iter_sites(model):
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if not matches(name, targets) or (exclude is not None and matches(name, exclude)):
+            continue
+        if isinstance(innermost(module), supported):
+            found.append((name, module))
+        elif isinstance(targets, list | tuple) and not isinstance(innermost(module), nn.Identity | nn.Dropout):
+            bad.append(f"{name} ({type(innermost(module)).__name__})")
+    kinds = ", ".join(t.__name__ for t in supported)
+    if bad:
+        raise DeltaTuneError(
+            f"method {method!r}: target_modules={targets!r} matched {', '.join(bad[:5])}, "
+            f"but {method!r} supports only {kinds}; target layers of those types instead"
+        )
+    if not found:
+        raise DeltaTuneError(
+            f"method {method!r}: target_modules={targets!r} matched no module of type {kinds} "
+            f"in {type(model).__name__}; candidates: {candidates(model, supported)}"
+        )
+    return found
+
+
+def candidates(model: nn.Module, supported: tuple[type, ...], limit: int = 10) -> str:
+    """Distinct name suffixes (after the last block index) of the supported modules: what a user would target."""
+    names = [n for n, m in iter_sites(model) if isinstance(innermost(m), supported)]
+    suffixes = list(dict.fromkeys(re.split(r"(?:^|\.)\d+\.", n)[-1] for n in names))
+    more = f", ... ({len(suffixes)} in all)" if len(suffixes) > limit else ""
+    return ", ".join(suffixes[:limit]) + more if suffixes else "(none)"
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (dotted path)."""
+    return model.get_submodule(name) if name else model
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replaces the submodule called ``name`` by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(get_module(model, parent_name), child, new)
+
+
+def find_head(model: nn.Module, head: bool | str) -> str | None:
+    """Name of the classification head: ``head`` if a string, else timm's ``get_classifier()`` or a usual name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(head, str):
+        if id(get_module_or_none(model, head)) not in names:
+            raise DeltaTuneError(f"head={head!r} names no module; candidates: {', '.join(_headcandidates(model))}")
+        return head
+    if not head:
+        return None
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        module = get_classifier()
+        if isinstance(module, nn.Module) and id(module) in names and any(True for _ in module.parameters()):
+            return names[id(module)]
+    for candidate in _HEAD_NAMES:
+        module = get_module_or_none(model, candidate)
+        if isinstance(module, nn.Linear):
+            return candidate
+    return None
+
+
+def get_module_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule called ``name`` or None."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _headcandidates(model: nn.Module) -> list[str]:
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-3:] or ["(no Linear layers)"]

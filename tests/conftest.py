@@ -1,0 +1,104 @@
+"""Tiny backbones for the tests: timm ViT, Swin, ConvNeXt, MLP-Mixer and an HF BERT, each with an input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import timm
+import torch
+from timm.models.mlp_mixer import MlpMixer
+from torch import nn
+
+torch.set_num_threads(2)
+
+
+def _vit() -> nn.Module:
+    return timm.create_model("test_vit", num_classes=5, img_size=32)
+
+
+def _swin() -> nn.Module:
+    kw = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), img_size=32, window_size=4, num_classes=5)
+    return timm.create_model("swin_tiny_patch4_window7_224", **kw)
+
+
+def _convnext() -> nn.Module:
+    return timm.create_model("test_convnext", num_classes=5)
+
+
+def _mixer() -> nn.Module:
+    return MlpMixer(embed_dim=32, num_blocks=2, img_size=32, patch_size=8, num_classes=5)
+
+
+def _bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=3,
+        max_position_embeddings=64,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "vit": _vit,
+    "swin": _swin,
+    "convnext": _convnext,
+    "mixer": _mixer,
+    "bert": _bert,
+}
+BACKBONES = list(BUILDERS)
+
+
+def make_backbone(kind: str, seed: int = 0) -> nn.Module:
+    """A tiny backbone in eval mode, with weights moved off timm's special inits so every delta shows."""
+    torch.manual_seed(seed)
+    model = BUILDERS[kind]().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma") or "head" in name or "classifier" in name:
+                p.normal_(0.0, 0.5)  # ConvNeXt layer scale (1e-6) and zero-init heads would hide deltas
+    return model
+
+
+def make_input(kind: str, seed: int = 1) -> Any:
+    """A fixed input batch for the backbone."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "bert":
+        ids = torch.randint(1, 99, (2, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+    size = 64 if kind == "convnext" else 32
+    return torch.randn(2, 3, size, size, generator=g)
+
+
+def run(model: nn.Module, x: Any) -> torch.Tensor:
+    """Logits of a model on an input from ``make_input``."""
+    out = model(**x) if isinstance(x, dict) else model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def perturb_deltas(model: nn.Module, std: float = 0.1, seed: int = 2) -> None:
+    """Moves every trainable tensor away from its init, so merges and loads are tested off the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference relative to the max magnitude."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(params=BACKBONES)
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param

@@ -1,0 +1,82 @@
+"""Every registered method on every tiny backbone: what trains, gradients, merge exactness, save/load."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import BACKBONES, make_backbone, make_input, perturb_deltas, rel_err, run
+
+import deltatune
+from deltatune.core import delta_modules
+
+# (method, backbone) pairs where the method does not apply: apply must raise DeltaTuneError there.
+NOT_APPLICABLE: set[tuple[str, str]] = set()
+CASES = [(m, k) for m in deltatune.methods() for k in BACKBONES]
+
+
+def tuned(method: str, kind: str):
+    model = make_backbone(kind)
+    if (method, kind) in NOT_APPLICABLE:
+        with pytest.raises(deltatune.DeltaTuneError):
+            deltatune.apply(model, method)
+        pytest.xfail(f"{method} does not apply to {kind} (raises DeltaTuneError, as it should)")
+    return deltatune.apply(model, method)
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_only_deltas_and_head_train_and_all_get_gradients(method: str, kind: str) -> None:
+    model = tuned(method, kind)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(deltatune.delta_state_dict(model))
+    assert deltatune.trainable_parameters(model) == sum(p.numel() for p in deltatune.delta_state_dict(model).values())
+    perturb_deltas(model)
+    run(model, make_input(kind)).square().sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not no_grad
+    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert not frozen_with_grad
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_merge_matches_unmerged(method: str, kind: str) -> None:
+    model = tuned(method, kind)
+    plain_count = sum(p.numel() for p in make_backbone(kind).parameters())
+    perturb_deltas(model)
+    x = make_input(kind)
+    with torch.no_grad():
+        before = run(model, x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            deltatune.merge(model)
+        after = run(model, x)
+    assert rel_err(after, before) <= 1e-5
+    mergeable = deltatune.registry.config_class(method).mergeable
+    if mergeable:
+        assert not delta_modules(model)
+        assert sum(p.numel() for p in model.parameters()) == plain_count
+        assert not caught
+    else:
+        assert delta_modules(model)
+        assert any("cannot be merged" in str(w.message) for w in caught)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        deltatune.merge(model)  # merging twice changes nothing
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_save_load_reproduces_outputs(method: str, kind: str, tmp_path) -> None:
+    model = tuned(method, kind)
+    perturb_deltas(model)
+    path = tmp_path / "delta.safetensors"
+    size = deltatune.save_delta(model, path)
+    assert size == path.stat().st_size
+    fresh = deltatune.load_delta(make_backbone(kind), path)
+    x = make_input(kind)
+    with torch.no_grad():
+        assert torch.equal(run(fresh, x), run(model, x))
+    assert deltatune.trainable_parameters(fresh) == deltatune.trainable_parameters(model)
+    assert deltatune.summary(fresh) == deltatune.summary(model)

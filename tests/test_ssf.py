@@ -1,0 +1,144 @@
+"""SSF: the paper's parameter counts (closed forms), the fold formula, and sites on every backbone."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from conftest import make_backbone, make_input, rel_err, run
+from torch import nn
+
+import deltatune
+from deltatune.methods.ssf import SSF, fold
+
+
+def ssf_vit(c: int, depth: int, mlp: int) -> int:
+    """norm1, qkv (3C), proj, norm2, fc1 (mlp), fc2 per block; patch embed; final norm: 2 params a channel."""
+    return 2 * (depth * (c + 3 * c + c + c + mlp + c) + c + c)
+
+
+def ssf_swin(c: int, depths: tuple[int, ...]) -> int:
+    """Blocks (11C each), patch embed proj + norm, patch-merging norms (4C), final norm."""
+    dims = [c * 2**i for i in range(len(depths))]
+    blocks = sum(d * 11 * dim for d, dim in zip(depths, dims))
+    merging = sum(4 * dim for dim in dims[:-1])
+    return 2 * (blocks + 2 * c + merging + dims[-1])
+
+
+def ssf_convnext(dims: tuple[int, ...], depths: tuple[int, ...]) -> int:
+    """Blocks (conv_dw, norm, fc1 4C, fc2: 7C), stem conv + norm, downsample norm + conv, head norm."""
+    blocks = sum(d * 7 * dim for d, dim in zip(depths, dims))
+    down = sum(a + b for a, b in zip(dims[:-1], dims[1:]))
+    return 2 * (blocks + 2 * dims[0] + down + dims[-1])
+
+
+def ssf_count(model: nn.Module) -> int:
+    deltatune.apply(model, "ssf", head=False)
+    return deltatune.trainable_parameters(model)
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("vit_base_patch16_224", 205_824),
+        ("swin_base_patch4_window7_224", 274_432),
+        ("convnext_base", 260_608),
+    ],
+)
+def test_paper_counts_on_base_models(name: str, expected: int) -> None:
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert ssf_count(model) == expected
+
+
+def test_vit_b16_with_100_class_head_and_file_size(tmp_path) -> None:
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", num_classes=100)
+    deltatune.apply(model, "ssf")
+    assert deltatune.trainable_parameters(model) == 282_724
+    model.to_empty(device="cpu")
+    assert deltatune.save_delta(model, tmp_path / "ssf.safetensors") < 1.2e6
+
+
+@pytest.mark.parametrize(
+    "name,kw,formula",
+    [
+        ("vit_small_patch16_224", {}, lambda: ssf_vit(384, 12, 1536)),
+        ("swin_tiny_patch4_window7_224", {}, lambda: ssf_swin(96, (2, 2, 6, 2))),
+        ("convnext_tiny", {}, lambda: ssf_convnext((96, 192, 384, 768), (3, 3, 9, 3))),
+    ],
+)
+def test_closed_forms_on_other_sizes(name: str, kw: dict, formula) -> None:
+    with torch.device("meta"):
+        model = timm.create_model(name, **kw)
+    assert ssf_count(model) == formula()
+
+
+def test_mixer_sites_every_linear_and_norm() -> None:
+    model = make_backbone("mixer")  # 2 blocks, C=32, 16 patches, token MLP 16, channel MLP 128
+    tokens_hidden, patches, c = 16, 16, 32
+    per_block = c + tokens_hidden + patches + c + 4 * c + c
+    assert ssf_count(model) == 2 * (2 * per_block + c + c)
+
+
+def test_sites_on_tiny_backbones_are_all_linear_conv_norm_but_head() -> None:
+    model = deltatune.apply(make_backbone("swin"), "ssf")
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, SSF)}
+    assert "head.fc" not in wrapped and "layers.1.downsample.reduction" not in wrapped
+    assert {"patch_embed.proj", "patch_embed.norm", "layers.1.downsample.norm", "norm"} <= wrapped
+    assert "layers.0.blocks.1.attn.qkv" in wrapped
+
+
+def test_init_distribution_and_identity_with_zero_std() -> None:
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        pass
+    model = deltatune.apply(make_backbone("vit"), "ssf")
+    scales = torch.cat([m.ssf_scale for m in model.modules() if isinstance(m, SSF)])
+    shifts = torch.cat([m.ssf_shift for m in model.modules() if isinstance(m, SSF)])
+    assert abs(scales.mean().item() - 1) < 0.005 and abs(scales.std().item() - 0.02) < 0.003
+    assert abs(shifts.mean().item()) < 0.005 and abs(shifts.std().item() - 0.02) < 0.003
+    x = make_input("vit")
+    plain = make_backbone("vit")
+    tuned = deltatune.apply(make_backbone("vit"), "ssf", init_std=0.0)
+    with torch.no_grad():
+        assert torch.equal(run(tuned, x), run(plain, x))
+
+
+@pytest.mark.parametrize(
+    "layer,x",
+    [
+        (nn.Linear(6, 5), torch.randn(3, 4, 6)),
+        (nn.Linear(6, 5, bias=False), torch.randn(3, 6)),
+        (nn.Conv2d(4, 6, 3, padding=1), torch.randn(2, 4, 5, 5)),
+        (nn.Conv2d(6, 6, 3, groups=6, padding=1), torch.randn(2, 6, 5, 5)),  # depthwise
+        (nn.LayerNorm(6), torch.randn(3, 6)),
+        (nn.LayerNorm(6, elementwise_affine=False), torch.randn(3, 6)),
+        (nn.BatchNorm2d(6).eval(), torch.randn(2, 6, 3, 3)),
+        (nn.GroupNorm(2, 6), torch.randn(2, 6, 3, 3)),
+        (timm.layers.LayerNorm2d(6), torch.randn(2, 6, 3, 3)),
+    ],
+)
+def test_fold_against_float64_reference(layer: nn.Module, x: torch.Tensor) -> None:
+    """The merged layer equals y * scale + shift computed in float64 from the unmerged layer."""
+    torch.manual_seed(0)
+    wrapped = SSF(layer, init_std=0.3)
+    with torch.no_grad():
+        dim = wrapped.dim % x.ndim
+        shape = [-1 if i == dim else 1 for i in range(x.ndim)]
+        ref = layer.double()(x.double()) * wrapped.ssf_scale.double().view(shape) + wrapped.ssf_shift.double().view(
+            shape
+        )
+        layer.float()
+        merged = wrapped.merge()
+        assert merged is layer
+        assert rel_err(merged(x).double(), ref) < 1e-6
+
+
+def test_fold_rounds_once_from_float64() -> None:
+    layer = nn.Linear(4, 3).to(torch.bfloat16)
+    w64, b64 = layer.weight.double().clone(), layer.bias.double().clone()
+    scale, shift = torch.tensor([1.1, 0.9, 1.3]), torch.tensor([0.1, -0.2, 0.3])
+    fold(layer, scale, shift)
+    assert torch.equal(layer.weight, (w64 * scale.double()[:, None]).to(torch.bfloat16))
+    assert torch.equal(layer.bias, (b64 * scale.double() + shift.double()).to(torch.bfloat16))

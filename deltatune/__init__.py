@@ -15,8 +15,10 @@ from deltatune.core import apply, delta_state_dict, merge, summary, trainable_pa
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adapter import AdapterConfig
 from deltatune.methods.lora import LoRAConfig
+from deltatune.methods.mimi import MiMiConfig
 from deltatune.methods.selection import BitFitConfig, FullConfig, LinearConfig
 from deltatune.methods.ssf import SSFConfig
+from deltatune.pruning import prune_adapters
 from deltatune.registry import methods
 
 __all__ = [
@@ -26,12 +28,14 @@ __all__ = [
     "FullConfig",
     "LinearConfig",
     "LoRAConfig",
+    "MiMiConfig",
     "SSFConfig",
     "apply",
     "delta_state_dict",
     "load_delta",
     "merge",
     "methods",
+    "prune_adapters",
     "read_metadata",
     "save_delta",
     "summary",

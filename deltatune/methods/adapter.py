@@ -72,18 +72,21 @@ class AdapterConfig:
         """Wraps every site in an ``Adapter`` (sites pruned to size 0 get none)."""
         targets = resolve_targets(model, self.name, self.target_modules, PRESETS)
         sites = find_sites(model, self.name, targets, (nn.Linear, nn.Conv2d), self.exclude_modules, skip)
-        mult = 4 if family(model) == "swin" else 1
         applied = []
         for name, module in sites:
-            d = _width(innermost(module))
-            hidden = self.hidden or max(1, round(mult * d / self.sigma))
-            if self.hidden_sizes is not None:
-                hidden = self.hidden_sizes.get(name, hidden)
+            original = self.original_size(model, module)
+            hidden = (self.hidden_sizes or {}).get(name, original)
             if hidden > 0:
                 adapter = Adapter(module, hidden, self.act, self.bias, self.init_std, self.zero_up)
+                adapter.delta_method, adapter.site, adapter.original_hidden = self.name, name, original
                 set_module(model, name, adapter)
                 applied.append(name)
         return Applied(applied)
+
+    def original_size(self, model: nn.Module, site: nn.Module) -> int:
+        """Hidden size an adapter at ``site`` starts with: ``hidden``, or d / sigma (Swin: 4d / sigma)."""
+        mult = 4 if family(model) == "swin" else 1
+        return self.hidden or max(1, round(mult * _width(innermost(site)) / self.sigma))
 
 
 def _width(layer: nn.Module) -> int:
@@ -98,6 +101,7 @@ class Adapter(nn.Module):
     def __init__(self, base: nn.Module, hidden: int, act: str, bias: bool, init_std: float, zero_up: bool = False):
         super().__init__()
         self.base, self.delta_stage = base, None
+        self.site, self.original_hidden = "", hidden  # set by the config: where it sits, its size before pruning
         layer = innermost(base)
         d = _width(layer)
         self.channels_last = isinstance(layer, nn.Linear)

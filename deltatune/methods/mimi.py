@@ -1,0 +1,69 @@
+"""MiMi: Mini but Mighty, finetuning ViTs with mini adapters (Marouf, Tartaglione, Lathuilière, WACV 2024).
+https://arxiv.org/abs/2311.03873
+
+Start with large adapters (sigma = 4), then train in phases; after phase t prune globally to the cumulative
+fraction ``p_t = 1 - (1 - rho)^(t+1)`` of the original neurons, ranked by the normalised weight magnitude
+
+    s_i = (sum_j |W_down[i, j]| + sum_j |W_up[j, i]|) / (d_in + d_out)
+
+until the target size is reached. Pruned neurons are removed from the matrices and empty adapters are removed
+(see ``deltatune.pruning``). The adapters themselves are ``deltatune.methods.adapter.Adapter``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from deltatune.errors import DeltaTuneError
+from deltatune.methods.adapter import AdapterConfig
+from deltatune.registry import register
+
+
+@register("mimi")
+@dataclass
+class MiMiConfig(AdapterConfig):
+    """Adapters that start large (sigma 4) and are pruned globally in phases to a target size."""
+
+    sigma: float = 4.0
+    """Start compression ratio (MiMi starts at 4)."""
+    rho: float = 0.5
+    """Fraction of the remaining neurons pruned after each phase (0.5 halves them)."""
+    target_sigma: float | None = 32.0
+    """Stop when the adapters are as small as sigma would make them (kept fraction = sigma / target_sigma)."""
+    target_params: int | None = None
+    """Alternatively stop at this many adapter parameters (overrides target_sigma)."""
+    score: str = "mimi"
+    """Neuron score: mimi, l1, random, grad or activation (the paper's ablations)."""
+    scope: str = "global"
+    """Pruning scope: global (one threshold over all adapters) or local (the same fraction in every adapter)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from deltatune.pruning import SCOPES, SCORES
+
+        if not 0.0 < self.rho < 1.0:
+            raise DeltaTuneError(f"mimi: rho must be in (0, 1), got {self.rho}")
+        if self.score not in SCORES:
+            raise DeltaTuneError(f"mimi: unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
+        if self.scope not in SCOPES:
+            raise DeltaTuneError(f"mimi: unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
+        if self.target_sigma is not None and self.target_sigma < self.sigma:
+            raise DeltaTuneError(f"mimi: target_sigma {self.target_sigma} is below the start sigma {self.sigma}")
+
+    def keep_target(self, start_params: int) -> float:
+        """The fraction of the original neurons to keep at the end."""
+        if self.target_params is not None:
+            if not 0 < self.target_params <= start_params:
+                raise DeltaTuneError(f"mimi: target_params must be in (0, {start_params}], got {self.target_params}")
+            return self.target_params / start_params
+        return self.sigma / (self.target_sigma or self.sigma)
+
+    def schedule(self, start_params: int) -> list[float]:
+        """Cumulative pruned fractions after each phase: 1 - (1 - rho)^(t+1), the last one clipped to the target."""
+        keep = self.keep_target(start_params)
+        phases = 0 if keep >= 1 else math.ceil(math.log(keep) / math.log(1 - self.rho) - 1e-9)
+        amounts = [1 - (1 - self.rho) ** (t + 1) for t in range(phases)]
+        if amounts:
+            amounts[-1] = 1 - keep
+        return amounts

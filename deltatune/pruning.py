@@ -1,0 +1,187 @@
+"""Structured pruning of adapter neurons (MiMi and its ablations), with real shrinking of the matrices.
+
+``prune_adapters`` ranks every hidden neuron of every adapter by a score, removes the lowest ones (globally or
+per adapter) so that a cumulative fraction of the ORIGINAL neurons is gone, shrinks W_down/W_up, removes
+adapters left with no neuron, records the new sizes in the config (so delta files rebuild them) and, given the
+optimizer, carries its state over to the surviving neurons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.core import delta_modules, state_of
+from deltatune.errors import DeltaTuneError
+from deltatune.methods.adapter import Adapter
+from deltatune.targeting import set_module
+
+SCORES = ("mimi", "l1", "random", "grad", "activation")
+SCOPES = ("global", "local")
+
+
+def adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
+    """(name in the model, adapter) for every adapter wrapper."""
+    return [(n, m) for n, m in delta_modules(model) if isinstance(m, Adapter)]
+
+
+def neuron_scores(adapter: Adapter, score: str, activations: Tensor | None = None, seed: int = 0) -> Tensor:
+    """One score per hidden neuron of an adapter; higher means more important."""
+    down, up = adapter.adapter_down.weight, adapter.adapter_up.weight  # (h, d_in), (d_out, h)
+    if score in ("mimi", "l1"):
+        s = down.detach().abs().sum(1) + up.detach().abs().sum(0)
+        return s / (down.shape[1] + up.shape[0]) if score == "mimi" else s
+    if score == "grad":
+        if down.grad is None or up.grad is None:
+            raise DeltaTuneError("prune_adapters: score='grad' needs gradients; run a backward pass first")
+        return down.grad.abs().sum(1) + up.grad.abs().sum(0)
+    if score == "activation":
+        if activations is None:
+            raise DeltaTuneError("prune_adapters: score='activation' needs inputs=... to measure activations")
+        return activations
+    if score == "random":
+        g = torch.Generator().manual_seed(seed + adapter.original_hidden * 7919 + len(adapter.site))
+        return torch.rand(adapter.hidden, generator=g)
+    raise DeltaTuneError(f"prune_adapters: unknown score {score!r}; choose one of {', '.join(SCORES)}")
+
+
+def _activations(model: nn.Module, found: list[tuple[str, Adapter]], run: Callable[[], Any]) -> dict[str, Tensor]:
+    """Mean |activation| of each hidden neuron over one call of ``run`` (a forward pass)."""
+    sums: dict[str, Tensor] = {}
+    hooks = []
+    for name, adapter in found:
+
+        def hook(_m: nn.Module, _i: Any, out: Tensor, name: str = name) -> None:
+            sums[name] = out.detach().abs().flatten(0, -2).mean(0)
+
+        hooks.append(adapter.adapter_act.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+def _removed_sites(model: nn.Module) -> dict[str, int]:
+    """Sites whose adapters pruning removed entirely (their configs record size 0), with their original sizes."""
+    state = state_of(model)
+    out = {}
+    for entry in state.entries if state else []:
+        for site, size in (getattr(entry.config, "hidden_sizes", None) or {}).items():
+            if size == 0:
+                out[site] = entry.config.original_size(model, model.get_submodule(site))
+    return out
+
+
+def _keep_counts(model: nn.Module, found: list, scores: dict[str, Tensor], amount: float, scope: str) -> dict:
+    """How many neurons each adapter keeps."""
+    if scope == "local":
+        return {n: min(a.hidden, round(a.original_hidden * (1 - amount))) for n, a in found}
+    total = sum(a.original_hidden for _, a in found) + sum(_removed_sites(model).values())
+    keep_total = min(sum(a.hidden for _, a in found), round(total * (1 - amount)))
+    flat = torch.cat([scores[n] for n, _ in found])
+    order = torch.argsort(flat, descending=True, stable=True)[:keep_total]
+    owner = torch.cat([torch.full((a.hidden,), i) for i, (_, a) in enumerate(found)])
+    counts = torch.bincount(owner[order], minlength=len(found))
+    return {n: int(c) for (n, _), c in zip(found, counts)}
+
+
+def prune_adapters(
+    model: nn.Module,
+    amount: float,
+    score: str = "mimi",
+    scope: str = "global",
+    inputs: Callable[[], Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Prunes adapter neurons to a cumulative fraction ``amount`` of the original ones; returns the new sizes.
+
+    Args:
+        amount: fraction of the adapters' original neurons that is pruned after this call (0 <= amount <= 1).
+        score: mimi (normalised L1 of the neuron's down row and up column), l1, random, grad or activation.
+        scope: global (one ranking over all adapters) or local (the same fraction in every adapter).
+        inputs: for score="activation", a callable that runs forward passes on calibration data.
+        optimizer: if given, its parameters and state (e.g. Adam moments) follow the surviving neurons.
+        seed: for score="random".
+
+    Returns:
+        Each adapter site's new hidden size; 0 means the adapter was removed.
+    """
+    if not 0.0 <= amount <= 1.0:
+        raise DeltaTuneError(f"prune_adapters: amount must be in [0, 1], got {amount}")
+    if scope not in SCOPES:
+        raise DeltaTuneError(f"prune_adapters: unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    found = adapters(model)
+    if not found:
+        raise DeltaTuneError("prune_adapters: the model has no adapters; apply 'adapter' or 'mimi' first")
+    acts = _activations(model, found, inputs) if score == "activation" and inputs is not None else {}
+    scores = {n: neuron_scores(a, score, acts.get(n), seed) for n, a in found}
+    counts = _keep_counts(model, found, scores, amount, scope)
+    sizes: dict[str, int] = {}
+    for name, adapter in found:
+        keep = torch.sort(torch.argsort(scores[name], descending=True, stable=True)[: counts[name]]).values
+        old = _neuron_dims(adapter)
+        if len(keep) == 0:
+            set_module(model, name, adapter.base)
+        elif len(keep) < adapter.hidden:
+            adapter.resize(keep)
+        if optimizer is not None:
+            _follow(optimizer, old, _neuron_dims(adapter) if len(keep) else [], keep)
+        sizes[adapter.site or name] = len(keep)
+    _record_sizes(model, found, sizes)
+    removed = {site: 0 for site in _removed_sites(model)}
+    return {**removed, **sizes}
+
+
+def _record_sizes(model: nn.Module, found: list[tuple[str, Adapter]], sizes: dict[str, int]) -> None:
+    """Writes the new sizes into the configs, so save_delta/load_delta rebuild the pruned shapes."""
+    state = state_of(model)
+    if state is None:
+        return
+    for entry in state.entries:
+        mine = {a.site: sizes[a.site] for _, a in found if a.delta_stage == entry.stage and a.site in sizes}
+        if mine and hasattr(entry.config, "hidden_sizes"):
+            merged = {**(entry.config.hidden_sizes or {}), **mine}
+            entry.config = dataclasses.replace(entry.config, hidden_sizes=merged)
+
+
+def _neuron_dims(adapter: Adapter) -> list[tuple[nn.Parameter, int | None]]:
+    """Each adapter parameter with the dim that indexes hidden neurons (None: not per neuron)."""
+    down, up = adapter.adapter_down, adapter.adapter_up
+    pairs: list[tuple[nn.Parameter, int | None]] = [(down.weight, 0), (up.weight, 1)]
+    if down.bias is not None:
+        pairs += [(down.bias, 0), (up.bias, None)]
+    return pairs
+
+
+def _follow(optimizer: torch.optim.Optimizer, old: list, new: list, keep: Tensor) -> None:
+    """Replaces the ``old`` (param, dim) pairs by ``new`` in the optimizer, slicing their state to ``keep``."""
+    swap = {id(p): (i, dim) for i, (p, dim) in enumerate(old)}
+    for group in optimizer.param_groups:
+        kept = []
+        for p in group["params"]:
+            if id(p) not in swap:
+                kept.append(p)
+                continue
+            i, dim = swap[id(p)]
+            state = optimizer.state.pop(p, {})
+            if not new:
+                continue  # the adapter was removed
+            q = new[i][0]
+            kept.append(q)
+            optimizer.state[q] = {k: _slice(v, p, dim, keep) for k, v in state.items()}
+        group["params"] = kept
+
+
+def _slice(value: Any, param: Tensor, dim: int | None, keep: Tensor) -> Any:
+    """The part of a per-parameter state tensor (e.g. Adam's moments) that belongs to the kept neurons."""
+    if dim is None or not isinstance(value, Tensor) or value.shape != param.shape:
+        return value  # not per neuron, or a scalar such as Adam's step
+    return value.index_select(dim, keep.to(value.device)).clone()

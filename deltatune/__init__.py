@@ -14,22 +14,41 @@ from deltatune.checkpoint import load_delta, read_metadata, save_delta
 from deltatune.core import apply, delta_state_dict, merge, summary, trainable_parameters
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adapter import AdapterConfig
+from deltatune.methods.adaptformer import AdaptFormerConfig
+from deltatune.methods.fact import FacTTKConfig, FacTTTConfig
 from deltatune.methods.lora import LoRAConfig
 from deltatune.methods.mimi import MiMiConfig
+from deltatune.methods.partial import AttnOnlyConfig, LayerNormConfig, MLPOnlyConfig
+from deltatune.methods.phm import CompacterConfig, PHMAdapterConfig
+from deltatune.methods.prefix import PrefixConfig
+from deltatune.methods.prompt import PromptConfig
 from deltatune.methods.selection import BitFitConfig, FullConfig, LinearConfig
 from deltatune.methods.ssf import SSFConfig
+from deltatune.methods.vpt import VPTDeepConfig, VPTShallowConfig
 from deltatune.pruning import prune_adapters
 from deltatune.registry import methods
 
 __all__ = [
+    "AdaptFormerConfig",
     "AdapterConfig",
+    "AttnOnlyConfig",
     "BitFitConfig",
+    "CompacterConfig",
     "DeltaTuneError",
+    "FacTTKConfig",
+    "FacTTTConfig",
     "FullConfig",
+    "LayerNormConfig",
     "LinearConfig",
     "LoRAConfig",
+    "MLPOnlyConfig",
     "MiMiConfig",
+    "PHMAdapterConfig",
+    "PrefixConfig",
+    "PromptConfig",
     "SSFConfig",
+    "VPTDeepConfig",
+    "VPTShallowConfig",
     "apply",
     "delta_state_dict",
     "load_delta",

@@ -28,7 +28,7 @@ PRESETS: dict[str, Targets] = {
     "convnext": ["mlp.fc2"],
     "mixer": ["mlp_tokens.fc2", "mlp_channels.fc2"],
     "bert": r".*attention\.output\.dense|.*layer\.\d+\.output\.dense",
-    "hf-vit": r".*attention\.output\.dense|.*layer\.\d+\.output\.dense",
+    "hf-vit": r".*attention\.output\.dense|.*layer\.\d+\.output\.dense|.*attention\.o_proj|.*layers\.\d+\.mlp\.fc2",
 }
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
 

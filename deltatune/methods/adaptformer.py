@@ -1,0 +1,129 @@
+"""AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition (Chen et al., NeurIPS 2022).
+https://arxiv.org/abs/2205.13535
+
+A bottleneck branch runs in parallel with every block's MLP and its scaled output is added to the MLP's::
+
+    x_out = x + MLP(x_mlp_in) + s * W_up dropout(ReLU(W_down x_in))        s = 0.1, hidden 64
+
+W_down (h, d) and W_up (d, h) have biases; W_down is kaiming-uniform (the official "lora" init), W_up and the biases
+are zeros, so the model's output is unchanged at init. Not mergeable: a ReLU sits between the two matrices.
+
+Where the branch reads its input, by backbone:
+
+- HF BERT: the wrapper sits on the FFN's output module (``BertOutput``), which receives the FFN input
+  ``x`` as ``input_tensor``; the branch reads that ``x`` (un-normalised, the official default) and its output joins
+  before the residual add (and before BERT's post-LayerNorm), exactly as in the paper's figure.
+- timm ViT / Swin / HF ViT (and, beyond the paper, ConvNeXt's ``mlp`` and Mixer's channel MLP): the wrapper sits on the
+  MLP and reads its input, i.e. after the block's frozen ``norm2`` (the official ``adapter_layernorm_option="in"``
+  variant, with the frozen norm). A wrapper around ``mlp`` cannot see the un-normalised residual stream, and
+  wrapping the whole block would hide its layers from other methods. The branch also passes through the block's
+  drop-path (inactive at eval).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from deltatune.core import Applied
+from deltatune.errors import DeltaTuneError
+from deltatune.registry import register
+from deltatune.targeting import Targets, family, find_sites, innermost, resolve_targets, set_module
+
+PRESETS: dict[str, Targets] = {
+    "vit": ["mlp"],
+    "swin": ["mlp"],
+    "convnext": ["mlp"],
+    "mixer": ["mlp_channels"],
+    "bert": r".*layer\.\d+\.output",
+    "hf-vit": r".*layers\.\d+\.mlp",  # transformers 5.x ViT: a timm-like mlp (fc1, fc2)
+}
+HF_FAMILIES = ("bert",)  # families whose FFN output module takes (intermediate_output, input_tensor)
+
+
+@register("adaptformer")
+@dataclass
+class AdaptFormerConfig:
+    """Parallel scaled bottleneck beside every block's MLP (AdaptFormer)."""
+
+    hidden: int = 64
+    """Bottleneck width (the paper's default 64 for ViT-B)."""
+    scale: float = 0.1
+    """Fixed scale s of the branch's output."""
+    dropout: float = 0.1
+    """Dropout on the bottleneck activation (official default 0.1)."""
+    target_modules: Targets | None = None
+    """MLP modules (timm) or FFN output modules (HF) to wrap. Default: every block's."""
+    exclude_modules: Targets | None = None
+    """Sites to leave out (wins over target_modules)."""
+
+    mergeable: ClassVar[bool] = False
+    name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1:
+            raise DeltaTuneError(f"adaptformer: hidden must be >= 1, got {self.hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DeltaTuneError(f"adaptformer: dropout must be in [0, 1), got {self.dropout}")
+
+    def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
+        """Wraps every MLP (timm) or FFN output module (HF) in an ``AdaptFormer``."""
+        targets = resolve_targets(model, self.name, self.target_modules, PRESETS)
+        sites = find_sites(model, self.name, targets, (nn.Module,), self.exclude_modules, skip)
+        hf = family(model) in HF_FAMILIES
+        for name, module in sites:
+            set_module(model, name, AdaptFormer(module, _width(name, innermost(module)), self, hf))
+        return Applied([n for n, _ in sites])
+
+
+def _width(name: str, layer: nn.Module) -> int:
+    """Channels of the MLP's input/output: its fc2 (timm) or dense (HF) output features."""
+    for attr in ("fc2", "dense"):
+        sub = getattr(layer, attr, None)
+        if isinstance(sub, nn.Module):
+            out = innermost(sub)
+            if isinstance(out, nn.Linear):
+                return out.out_features
+    raise DeltaTuneError(f"adaptformer: {name} ({type(layer).__name__}) has no fc2/dense Linear; target MLP modules")
+
+
+class AdaptFormer(nn.Module):
+    """Wraps an MLP (or an HF FFN output module): adds ``s * up(dropout(relu(down(x))))`` of the MLP's input."""
+
+    delta_method = "adaptformer"
+
+    def __init__(self, base: nn.Module, d: int, cfg: AdaptFormerConfig, hf_output: bool):
+        super().__init__()
+        self.base, self.delta_stage = base, None
+        self.scale, self.hf_output = cfg.scale, hf_output
+        ref = next(innermost(base).parameters())
+        kw = {"device": ref.device, "dtype": ref.dtype}
+        self.adaptformer_down = nn.Linear(d, cfg.hidden, **kw)
+        self.adaptformer_act = nn.ReLU()
+        self.adaptformer_dropout = nn.Dropout(cfg.dropout)
+        self.adaptformer_up = nn.Linear(cfg.hidden, d, **kw)
+        nn.init.kaiming_uniform_(self.adaptformer_down.weight, a=math.sqrt(5))
+        for t in (self.adaptformer_down.bias, self.adaptformer_up.weight, self.adaptformer_up.bias):
+            nn.init.zeros_(t)
+        self.train(base.training)  # take the mode of the module it replaces
+
+    def branch(self, x: Tensor) -> Tensor:
+        """The scaled parallel branch: (..., d) -> (..., d)."""
+        h = self.adaptformer_dropout(self.adaptformer_act(self.adaptformer_down(x)))  # (..., hidden)
+        return self.adaptformer_up(h) * self.scale
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not self.hf_output:
+            return self.base(hidden_states, *args, **kwargs) + self.branch(hidden_states)
+        # HF FFN output module: forward(intermediate_output, input_tensor) -> [LN](dense(h) + input_tensor)
+        if args:
+            x, rest = args[0], args[1:]
+            return self.base(hidden_states, x + self.branch(x), *rest, **kwargs)
+        x = kwargs.pop("input_tensor")
+        return self.base(hidden_states, input_tensor=x + self.branch(x), **kwargs)
+
+    def delta_parameters(self) -> list[nn.Parameter]:
+        return [*self.adaptformer_down.parameters(), *self.adaptformer_up.parameters()]

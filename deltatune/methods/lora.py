@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltatune import fast_lora
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import register
@@ -28,7 +29,7 @@ PRESETS: dict[str, Targets] = {
     "vit": ["attn.qkv"],
     "swin": ["attn.qkv"],
     "bert": ["query", "value"],
-    "hf-vit": ["query", "value"],
+    "hf-vit": ["query", "value", "attention.q_proj", "attention.v_proj"],  # transformers 4.x and 5.x layouts
     "convnext": ["mlp.fc1", "mlp.fc2"],
     "mixer": ["mlp_channels.fc1", "mlp_channels.fc2"],
 }
@@ -125,6 +126,10 @@ class LoRALinear(nn.Module):
         return torch.einsum("...pr,pcr->...pc", h, self.lora_b).flatten(-2) * self.scaling  # (..., P*C)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and isinstance(self.dropout, nn.Dropout)):  # dropout changes the branch's input
+            y = fast_lora.lora(self.base, x, self.lora_a, self.lora_b, tuple(self.chunks), self.scaling)
+            if y is not None:
+                return y
         y = self.base(x)
         if len(self.rows) == y.shape[-1]:
             return y + self.lora_delta(x)

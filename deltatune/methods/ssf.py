@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from deltatune import fast
 from deltatune.core import Applied
 from deltatune.registry import register
 from deltatune.targeting import Targets, family, find_sites, innermost, is_delta, resolve_targets, set_module
@@ -101,6 +102,9 @@ class SSF(nn.Module):
         self.ssf_shift = nn.Parameter(torch.empty(channels, **kw).normal_(0.0, init_std))
 
     def forward(self, x: Tensor) -> Tensor:
+        y = fast.ssf(self.base, x, self.ssf_scale, self.ssf_shift)  # folded into a frozen Linear/LayerNorm
+        if y is not None:
+            return y
         return ssf_affine(self.base(x), self.ssf_scale, self.ssf_shift, self.dim)
 
     def delta_parameters(self) -> list[nn.Parameter]:

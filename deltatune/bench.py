@@ -1,0 +1,398 @@
+"""``deltatune bench``: training-step time, images/s, memory and inference time of every method, in one run,
+as ratios to full fine-tuning and to the floor (the same model with every weight frozen and the input requiring
+grad: forward plus input-gradient backward, the least any frozen-backbone method can cost).
+
+    deltatune bench --device cpu --model vit_small_patch16_224 --img-size 112 --batch 32 --json out.json
+
+Configurations are stepped round-robin (one step of each, the order rotated every round) and each one's median
+is kept, so the drift of a shared machine hits all alike. Memory: on CUDA the step's max_memory_allocated plus
+the configuration's resident weights and optimizer state; on CPU the activation bytes saved for backward
+(``deltatune.fast_measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
+formulas (``deltatune.fast.disabled``): the obvious implementation the fast paths replace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import deltatune
+from deltatune import fast
+from deltatune.fast_measure import count_saved, cuda_peak, resident_bytes, round_robin
+from deltatune.targeting import find_head, is_delta
+
+METHODS = ("floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "adapter")
+PEFT_METHODS = ("peft-lora", "peft-ia3")
+OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {  # row -> (deltatune method, options)
+    "full": ("full", {}),
+    "linear": ("linear", {}),
+    "bitfit": ("bitfit", {}),
+    "ssf": ("ssf", {}),
+    "lora": ("lora", {"r": 8, "alpha": 16.0, "target_modules": "all-linear"}),
+    "adapter": ("adapter", {"hidden": 24}),
+}
+NUM_CLASSES = 100
+
+
+@dataclass
+class Case:
+    """One configuration: its model (maybe compiled), optimizer and how to merge it."""
+
+    name: str
+    raw: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    trainable: int
+    plain: bool = False
+    floor: bool = False
+    merge: Callable[[nn.Module], nn.Module] | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def _peft_model(model: nn.Module, name: str) -> nn.Module | None:
+    """HF peft's LoRA (r=8 on every Linear but the head) or IA3 (qkv and fc2), head trained; None without peft."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    head = find_head(model, True)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head]
+    saved = [head] if head else None
+    if name == "peft-lora":
+        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=linears, modules_to_save=saved)
+    else:
+        targets = [n for n in linears if n.endswith(("qkv", "fc2"))]
+        if not targets:
+            return None
+        ff = [n for n in targets if n.endswith("fc2")]
+        config = peft.IA3Config(target_modules=targets, feedforward_modules=ff, modules_to_save=saved)
+    return peft.get_peft_model(model, config)
+
+
+def build_case(name: str, make: Callable[[], nn.Module], compile_model: bool, fused: bool) -> Case | None:
+    """The configuration ``name`` on a fresh backbone (None: peft missing or not applicable)."""
+    model = make()
+    merge: Callable[[nn.Module], nn.Module] | None = None
+    if name == "floor":
+        model.requires_grad_(False)
+    elif name in PEFT_METHODS:
+        model = _peft_model(model, name)
+        if model is None:
+            return None
+        merge = lambda m: m.merge_and_unload()  # noqa: E731
+    else:
+        method, options = OPTIONS[name.removesuffix("-plain")]
+        deltatune.apply(model, method, **options)
+        if any(is_delta(m) for m in model.modules()):
+            merge = deltatune.merge
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused) if params else None
+    compiled = torch.compile(model) if compile_model else model
+    trainable = sum(p.numel() for p in params)
+    return Case(name, model, compiled, optimizer, trainable, name.endswith("-plain"), name == "floor", merge)
+
+
+def _logits(out: Any) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+@contextlib.contextmanager
+def _mode(case: Case, amp: torch.dtype | None, device: torch.device) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        if case.plain:
+            stack.enter_context(fast.disabled())
+        if amp is not None:
+            stack.enter_context(torch.autocast(device.type, dtype=amp))
+        yield
+
+
+def train_step(case: Case, x: Tensor, target: Tensor, amp: torch.dtype | None) -> None:
+    """Forward, loss, backward and optimizer step (the floor: forward and input-gradient backward only)."""
+    inp = x.detach().requires_grad_() if case.floor else x
+    with _mode(case, amp, x.device):
+        loss = F.cross_entropy(_logits(case.model(inp)).float(), target)
+    loss.backward()
+    if case.optimizer is not None:
+        case.optimizer.step()
+        case.optimizer.zero_grad(set_to_none=True)
+
+
+def _resident(case: Case) -> list[Tensor]:
+    """The configuration's weights and optimizer state: resident for the whole run."""
+    tensors = [*case.raw.parameters(), *case.raw.buffers()]
+    if case.optimizer is not None:
+        for state in case.optimizer.state.values():
+            tensors += [t for t in state.values() if isinstance(t, Tensor)]
+    return tensors
+
+
+def measure_memory(case: Case, x: Tensor, target: Tensor, amp: torch.dtype | None) -> dict[str, Any]:
+    """CUDA: the step's peak bytes as if it ran alone. CPU: activation bytes saved for backward, counted."""
+    if x.device.type == "cuda":
+        peak = cuda_peak(lambda: train_step(case, x, target, amp), x.device) + resident_bytes(_resident(case))
+        return {"memory_kind": "cuda_peak", "memory_bytes": peak}
+    inp = x.detach().requires_grad_() if case.floor else x
+    with _mode(case, amp, x.device):
+        counter = count_saved(case.raw, inp)
+    return {
+        "memory_kind": "saved_activations",
+        "memory_bytes": counter.bytes,
+        "saved_with_weights": counter.total_bytes,
+    }
+
+
+def _inference(model: nn.Module, x: Tensor, amp: torch.dtype | None, plain: bool) -> Callable[[], None]:
+    autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+    def run() -> None:
+        with torch.no_grad(), fast.disabled() if plain else contextlib.nullcontext(), autocast:
+            model(x)
+
+    return run
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs every configuration and returns the report (meta and one result per configuration)."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    amp = torch.bfloat16 if args.dtype == "bf16" else None
+    names = [n.strip() for n in args.methods.split(",")] if args.methods else [*METHODS, *PEFT_METHODS]
+    unknown = set(names) - {*METHODS, *PEFT_METHODS}
+    if unknown:
+        choices = ", ".join(METHODS + PEFT_METHODS)
+        raise deltatune.DeltaTuneError(f"bench: unknown configuration(s) {sorted(unknown)}; choose from {choices}")
+    names = list(dict.fromkeys(["floor", "full", *names]))  # the ratios need both
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        model = timm.create_model(args.model, pretrained=False, num_classes=NUM_CLASSES, img_size=args.img_size)
+        return model.to(device).train()
+
+    fused = device.type == "cuda"
+    cases = {c.name: c for n in names if (c := build_case(n, make, args.compile, fused)) is not None}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(device)
+    target = torch.randint(0, NUM_CLASSES, (args.batch,), generator=g).to(device)
+    steps = {n: (lambda c=c: train_step(c, x, target, amp)) for n, c in cases.items()}
+    times = round_robin(steps, args.warmup, args.steps, device, args.clock)
+    for case in cases.values():
+        case.result = {"name": case.name, "trainable": case.trainable, "step_ms_all": times[case.name]}
+        case.result.update(measure_memory(case, x, target, amp))
+    infer = _inference_times(cases, x, amp, args)
+    return {"meta": _meta(args, device), "results": _results(cases, infer, args.batch)}
+
+
+def _inference_times(cases: dict[str, Case], x: Tensor, amp: torch.dtype | None, args: argparse.Namespace) -> dict:
+    """Median inference ms of the plain backbone and of each configuration, unmerged and merged."""
+    xi = x[: args.infer_batch] if args.infer_batch <= len(x) else x.repeat(-(-args.infer_batch // len(x)), 1, 1, 1)
+    xi = xi[: args.infer_batch]
+    fns = {"plain": _inference(cases["floor"].model.eval(), xi, amp, False)}
+    for case in cases.values():
+        if case.merge is None:  # the plain architecture (floor, full, linear, BitFit): timed as "plain"
+            continue
+        fns[case.name] = _inference(case.model.eval(), xi, amp, case.plain)
+        if case.merge is not None and not case.plain:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # adapters stay unmerged: timed as they are
+                merged = case.merge(copy.deepcopy(case.raw)).eval()
+            fns[case.name + ":merged"] = _inference(torch.compile(merged) if args.compile else merged, xi, amp, False)
+    times = round_robin(fns, args.warmup, args.infer_steps or args.steps, x.device, args.clock)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _results(cases: dict[str, Case], infer: dict[str, float], batch: int) -> list[dict[str, Any]]:
+    full, floor = cases["full"].result, cases["floor"].result
+    t_full, t_floor = statistics.median(full["step_ms_all"]), statistics.median(floor["step_ms_all"])
+    out = []
+    for case in cases.values():
+        r = case.result
+        r["step_ms"] = statistics.median(r["step_ms_all"])
+        r["images_per_s"] = 1e3 * batch / r["step_ms"]
+        r["step_x_full"], r["step_x_floor"] = r["step_ms"] / t_full, r["step_ms"] / t_floor
+        r["step_x_floor_paired"] = paired_ratio(r["step_ms_all"], floor["step_ms_all"])
+        r["memory_x_floor"] = r["memory_bytes"] / floor["memory_bytes"]
+        r["infer_ms"] = infer.get(case.name, infer["plain"])
+        merged = infer.get(case.name + ":merged") if case.merge is not None else r["infer_ms"]
+        r["merged_infer_ms"] = None if case.plain else merged
+        r["infer_x_plain"] = r["infer_ms"] / infer["plain"]
+        r["merged_x_plain"] = None if merged is None or case.plain else merged / infer["plain"]
+        out.append(r)
+    return out
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of time / reference time in the same round: less swayed by drift across rounds."""
+    return statistics.median(t / ref for t, ref in zip(times, reference))
+
+
+def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {
+        "command": "deltatune bench " + shlex.join(args.argv),
+        "model": args.model,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else f"{platform.machine()}, {os.cpu_count()} cores",
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "img_size": args.img_size,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "clock": args.clock,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "infer_batch": args.infer_batch,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "peft": peft_version,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+COLUMNS: list[tuple[str, str, str]] = [  # (header, result key, format)
+    ("config", "name", "{}"),
+    ("step ms", "step_ms", "{:.1f}"),
+    ("x full", "step_x_full", "{:.2f}"),
+    ("x floor", "step_x_floor", "{:.2f}"),
+    ("x floor, paired", "step_x_floor_paired", "{:.2f}"),
+    ("img/s", "images_per_s", "{:.1f}"),
+    ("MiB", "memory_mib", "{:.1f}"),
+    ("mem x floor", "memory_x_floor", "{:.2f}"),
+    ("trainable", "trainable", "{:,}"),
+    ("infer ms", "infer_ms", "{:.1f}"),
+    ("merged ms", "merged_infer_ms", "{:.1f}"),
+    ("merged x plain", "merged_x_plain", "{:.3f}"),
+]
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table (MiB: CUDA peak, or activations saved for backward on CPU)."""
+    rows = [[h for h, _, _ in COLUMNS], ["---"] * len(COLUMNS)]
+    for r in report["results"]:
+        r = {**r, "memory_mib": r["memory_bytes"] / 2**20}
+        rows.append(["-" if r[k] is None else f.format(r[k]) for _, k, f in COLUMNS])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def markdown(report: dict[str, Any], text: str) -> str:
+    """The report as a Markdown page: the command first, then the setting and the table."""
+    m = report["meta"]
+    memory = "CUDA peak" if m["device"].startswith("cuda") else "activations saved for backward (weights left out)"
+    return (
+        f"```\n{m['command']}\n```\n\n"
+        f"{m['model']}, {m['img_size']} px, batch {m['batch']}, {m['dtype']}, {m['device']} ({m['device_name']}, "
+        f"{m['threads']} threads), {'torch.compile' if m['compile'] else 'eager'}; median of {m['steps']} steps "
+        f"after {m['warmup']} warm-up rounds, stepped round-robin, {m['clock']} clock; MiB: {memory}. "
+        f"torch {m['torch']}, timm {m['timm']}, peft {m['peft']}, {m['date']}.\n\n{text}\n"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench's options."""
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu or cuda (default: cuda if any)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="timm model name (default: vit_base_patch16_224 on CUDA, "
+        "vit_small_patch16_224 on CPU), random init, 100 classes",
+    )
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 128 on CUDA, 32 on CPU)")
+    parser.add_argument("--img-size", type=int, default=None, help="image size (default: 224 on CUDA, 112 on CPU)")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="fp32, or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of every configuration each)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--infer-batch", type=int, default=None, help="inference batch (default: --batch)")
+    parser.add_argument("--infer-steps", type=int, default=None, help="timed inference rounds (default: --steps)")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated subset of {', '.join(METHODS + PEFT_METHODS)} (floor and full always run)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (training and inference)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall clock, or this process's CPU time (with --threads 1: robust to other processes on a shared machine)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
+    parser.add_argument("--md", type=Path, default=None, help="write the table as Markdown here, command on top")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the bench for parsed arguments: prints the table, writes JSON/Markdown; returns 0."""
+    cuda = args.device.startswith("cuda")
+    args.model = args.model or ("vit_base_patch16_224" if cuda else "vit_small_patch16_224")
+    args.batch = args.batch or (128 if cuda else 32)
+    args.img_size = args.img_size or (224 if cuda else 112)
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.infer_batch = args.infer_batch or args.batch
+    if getattr(args, "argv", None) is None:  # mounted as `deltatune bench`: what follows the subcommand
+        argv = sys.argv[1:]
+        args.argv = argv[argv.index("bench") + 1 :] if "bench" in argv else argv
+    report = run_bench(args)
+    text = table(report)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(markdown(report, text))
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Mounts ``bench`` on the ``deltatune`` command's subparsers (``func`` runs it)."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="time and measure every method against full FT and the floor",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deltatune.bench``: the same as ``deltatune bench``."""
+    parser = argparse.ArgumentParser(prog="deltatune bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

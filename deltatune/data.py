@@ -1,0 +1,377 @@
+"""Datasets by name (torchvision, ImageFolder, VTAB-1k, FGVC, offline tasks, text), timm transforms and loaders.
+
+Every mistake in the data (unknown name, missing split, empty class folder, unreadable image, malformed list
+file) raises a ``DeltaTuneError`` that names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.transforms import v2
+
+from deltatune.distributed import Runtime
+from deltatune.errors import DeltaTuneError
+
+# name: (torchvision class, classes, default train split, default eval split); None splits: a train=bool flag.
+TORCHVISION: dict[str, tuple[str, int, str | None, str | None]] = {
+    "cifar10": ("CIFAR10", 10, None, None),
+    "cifar100": ("CIFAR100", 100, None, None),
+    "mnist": ("MNIST", 10, None, None),
+    "fashion-mnist": ("FashionMNIST", 10, None, None),
+    "svhn": ("SVHN", 10, "train", "test"),
+    "flowers102": ("Flowers102", 102, "train", "test"),
+    "food101": ("Food101", 101, "train", "test"),
+    "dtd": ("DTD", 47, "train", "test"),
+    "oxford-pets": ("OxfordIIITPet", 37, "trainval", "test"),
+    "stanford-cars": ("StanfordCars", 196, "train", "test"),
+    "fgvc-aircraft": ("FGVCAircraft", 100, "trainval", "test"),
+    "stl10": ("STL10", 10, "train", "test"),
+    "gtsrb": ("GTSRB", 43, "train", "test"),
+    "country211": ("Country211", 211, "train", "test"),
+}
+VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
+FGVC_SPLITS = ("train", "val", "trainval", "test")
+OTHER_DATASETS = ("offline:TASK", "folder", "vtab[:TASK]", "fgvc[:NAME]", "text", "synthetic")
+
+
+@dataclass
+class Data:
+    """Train and eval sets of one task, and how to batch them."""
+
+    train: Dataset
+    eval: Dataset
+    num_classes: int
+    collate: Callable | None = None
+    is_text: bool = False
+
+
+class TensorImages(Dataset):
+    """Images held in one tensor (N, 3, H, W) in [0, 1], served as ``(image, int label)``."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+class ListImages(Dataset):
+    """Images listed with their labels (VTAB-1k list files, VPT's FGVC json files), read on access."""
+
+    def __init__(self, samples: list[tuple[str, int]]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[i]
+        return load_image(path), label
+
+
+class Transformed(Dataset):
+    """Applies a transform to the image of each ``(image, label)`` item."""
+
+    def __init__(self, dataset: Dataset, transform: Callable) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image, label = self.dataset[i]
+        return self.transform(image), label
+
+
+def load_image(path: str) -> Image.Image:
+    """Opens an image as RGB; an unreadable file raises a DeltaTuneError naming it."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DeltaTuneError(
+            f"cannot read image {path!r} ({e}); replace the file or remove it from the dataset"
+        ) from None
+
+
+def load_data(
+    name: str,
+    data_dir: str = "data",
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    download: bool = True,
+    seed: int = 0,
+    image_size: int | None = None,
+    **text_options: Any,
+) -> Data:
+    """The raw (untransformed) train and eval sets of a dataset given by name; see ``TrainConfig.dataset``."""
+    key = name.lower()
+    if key in TORCHVISION:
+        return _torchvision(key, data_dir, train_split, eval_split, download)
+    kind, _, arg = key.partition(":")
+    if kind == "offline" or _is_offline_task(key):
+        return _offline(arg or key, seed, image_size or 32)
+    if kind == "synthetic":
+        return _synthetic(seed, image_size or 32)
+    if kind in ("folder", "imagefolder"):
+        return _folder(Path(data_dir) / arg if arg else Path(data_dir), train_split, eval_split)
+    if kind == "vtab":
+        return _vtab(Path(data_dir) / name.partition(":")[2] if arg else Path(data_dir), train_split, eval_split)
+    if kind == "fgvc":
+        return _fgvc(Path(data_dir) / name.partition(":")[2] if arg else Path(data_dir), train_split, eval_split)
+    if kind == "text":
+        from deltatune.text_data import load_text
+
+        return load_text(Path(data_dir), train_split, eval_split, **text_options)
+    raise DeltaTuneError(
+        f"unknown dataset {name!r}; choose a torchvision name ({', '.join(TORCHVISION)}) or one "
+        f"of {', '.join(OTHER_DATASETS)}"
+    )
+
+
+def _is_offline_task(name: str) -> bool:
+    try:
+        from deltatune.offline.tasks import TASKS
+    except ImportError:
+        return False
+    return name in TASKS
+
+
+def _torchvision(key: str, root: str, train_split: str | None, eval_split: str | None, download: bool) -> Data:
+    cls_name, num_classes, default_train, default_eval = TORCHVISION[key]
+    cls = getattr(torchvision.datasets, cls_name)
+
+    def make(split: str | None, default: str | None, train: bool) -> Dataset:
+        if default is None:  # a train=True/False dataset
+            if split not in (None, "train", "test"):
+                raise DeltaTuneError(f"{key} has only the splits train and test, not {split!r}")
+            kwargs: dict[str, Any] = {"train": train if split is None else split == "train"}
+        else:
+            kwargs = {"split": split or default}
+        try:
+            return cls(root, download=download, **kwargs)
+        except (RuntimeError, OSError, ValueError) as e:
+            how = "the download failed (offline?)" if download else "it is not there and download is off"
+            raise DeltaTuneError(
+                f"cannot load {key} ({cls_name}, {kwargs}) from {root!r}: {how}: {e}. Put the "
+                "dataset files in --data-dir (see the torchvision docs for the layout) or allow "
+                "--download with network access"
+            ) from e
+
+    return Data(make(train_split, default_train, True), make(eval_split, default_eval, False), num_classes)
+
+
+def _offline(task: str, seed: int, image_size: int) -> Data:
+    from deltatune.offline.tasks import make_task
+
+    train, test, num_classes = make_task(task, seed=seed, image_size=image_size)
+    return Data(train, test, num_classes)
+
+
+def _synthetic(seed: int, size: int, n_train: int = 256, n_eval: int = 128) -> Data:
+    """Noisy images tinted red, green, blue or yellow; the tint is the label (4 classes, learnable in a few steps)."""
+    gen = torch.Generator().manual_seed(seed)
+    tints = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
+
+    def make(n: int) -> TensorImages:
+        labels = (torch.arange(n) % len(tints))[torch.randperm(n, generator=gen)]
+        images = 0.6 * torch.rand(n, 3, size, size, generator=gen) + 0.4 * tints[labels][..., None, None]
+        return TensorImages(images, labels)
+
+    return Data(make(n_train), make(n_eval), len(tints))
+
+
+def _split_dir(root: Path, split: str | None, defaults: tuple[str, ...]) -> Path:
+    for name in [split] if split else defaults:
+        if (root / name).is_dir():
+            return root / name
+    raise DeltaTuneError(
+        f"image folder {str(root)!r} has no {' or '.join([split] if split else defaults)} "
+        "subfolder; expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg (or test/)"
+    )
+
+
+def _folder(root: Path, train_split: str | None, eval_split: str | None) -> Data:
+    sets = []
+    for folder in (_split_dir(root, train_split, ("train",)), _split_dir(root, eval_split, ("val", "test"))):
+        try:
+            sets.append(torchvision.datasets.ImageFolder(str(folder), loader=load_image))
+        except FileNotFoundError as e:
+            raise DeltaTuneError(
+                f"image folder {str(folder)!r}: {e}. Every class folder needs at least one image "
+                "(.jpg, .png, ...): add images or remove the empty class folder"
+            ) from None
+    train, val = sets
+    if train.class_to_idx != val.class_to_idx:
+        only = sorted(set(train.classes) ^ set(val.classes))
+        raise DeltaTuneError(
+            f"image folder {str(root)!r}: train and eval have different classes ({only[:5]}); "
+            "give both splits the same class folders"
+        )
+    return Data(train, val, len(train.classes))
+
+
+def _read_list(root: Path, split: str) -> list[tuple[str, int]]:
+    path = root / f"{split}.txt"
+    if not path.is_file():
+        tasks = sorted(p.parent.name for p in root.glob("*/train800val200.txt"))
+        hint = f" It holds VTAB tasks: use --dataset vtab:{tasks[0]} (one of {', '.join(tasks)})." if tasks else ""
+        raise DeltaTuneError(
+            f"VTAB-1k folder {str(root)!r} has no {path.name}. Expected the SSF/NOAH layout: TASK/{{train800, "
+            f"val200, train800val200, test}}.txt with lines '<image path relative to TASK> <label>'.{hint}"
+        )
+    samples = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DeltaTuneError(f"{str(path)!r} line {n}: expected '<image path> <integer label>', got {line!r}")
+        samples.append((str(root / parts[0]), int(parts[1])))
+    _check_files(samples, path)
+    return samples
+
+
+def _check_files(samples: list[tuple[str, int]], listed_in: Path) -> None:
+    if not samples:
+        raise DeltaTuneError(f"{str(listed_in)!r} lists no images; regenerate the split file")
+    missing = [p for p, _ in samples if not Path(p).is_file()]
+    if missing:
+        raise DeltaTuneError(
+            f"{len(missing)} image(s) listed in {str(listed_in)!r} do not exist, e.g. "
+            f"{missing[0]!r}; paths are relative to {str(listed_in.parent)!r}"
+        )
+
+
+def _vtab(root: Path, train_split: str | None, eval_split: str | None) -> Data:
+    splits = (train_split or "train800val200", eval_split or "test")
+    for split in splits:
+        if split not in VTAB_SPLITS:
+            raise DeltaTuneError(f"VTAB-1k split {split!r} unknown; use one of {', '.join(VTAB_SPLITS)}")
+    train, test = (_read_list(root, s) for s in splits)
+    return Data(ListImages(train), ListImages(test), 1 + max(y for _, y in train + test))
+
+
+def _read_json(root: Path, split: str) -> list[tuple[str, int]]:
+    if split == "trainval":
+        return _read_json(root, "train") + _read_json(root, "val")
+    path = root / f"{split}.json"
+    if not path.is_file():
+        raise DeltaTuneError(
+            f"FGVC folder {str(root)!r} has no {path.name}; expected VPT's split files "
+            "train.json, val.json and test.json mapping '<image path>': <class id>"
+        )
+    try:
+        mapping = json.loads(path.read_text())
+        items = [(str(k), int(v)) for k, v in mapping.items()]
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise DeltaTuneError(f"{str(path)!r} must map image paths to integer class ids: {e}") from None
+    if not items:
+        raise DeltaTuneError(f"{str(path)!r} lists no images")
+    # VPT's json paths are relative to the dataset's image folder (CUB, NABirds: images/, Dogs: Images/).
+    base = next((root / d for d in ("", "images", "Images") if (root / d / items[0][0]).is_file()), root)
+    samples = [(str(base / p), y) for p, y in items]
+    _check_files(samples, path)
+    return samples
+
+
+def _fgvc(root: Path, train_split: str | None, eval_split: str | None) -> Data:
+    splits = (train_split or "trainval", eval_split or "test")
+    for split in splits:
+        if split not in FGVC_SPLITS:
+            raise DeltaTuneError(f"FGVC split {split!r} unknown; use one of {', '.join(FGVC_SPLITS)}")
+    train, test = (_read_json(root, s) for s in splits)
+    return Data(ListImages(train), ListImages(test), 1 + max(y for _, y in train + test))
+
+
+def subsample(dataset: Dataset, n: int | None, seed: int) -> Dataset:
+    """A seeded random subset of ``n`` items (the dataset itself when n is None or not smaller)."""
+    size = len(dataset)  # type: ignore[arg-type]
+    if n is None or n >= size:
+        return dataset
+    keep = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Subset(dataset, keep.tolist())
+
+
+def make_transform(kind: str, training: bool, data_cfg: dict[str, Any], **timm_options: Any) -> Callable:
+    """Image preprocessing: timm's (with augmentation when training), a direct resize, or normalisation only.
+
+    Accepts PIL images and float tensors in [0, 1]; returns a normalised float tensor (3, H, W).
+    """
+    mean, std, size = data_cfg["mean"], data_cfg["std"], tuple(data_cfg["input_size"][-2:])
+    if kind == "timm":
+        import timm.data
+
+        tf = timm.data.create_transform(
+            input_size=data_cfg["input_size"],
+            is_training=training,
+            interpolation=data_cfg["interpolation"],
+            mean=mean,
+            std=std,
+            crop_pct=data_cfg.get("crop_pct"),
+            crop_mode=data_cfg.get("crop_mode"),
+            **(timm_options if training else {}),
+        )
+        # timm's ops (RandAugment, its Resize) want PIL images; PIL inputs pass through ToPILImage unchanged.
+        return v2.Compose([v2.ToPILImage(), tf])
+    ops: list[Callable] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if kind == "resize":
+        ops.append(v2.Resize(size, interpolation=_interpolation(data_cfg["interpolation"]), antialias=True))
+    return v2.Compose([*ops, v2.Normalize(mean, std), v2.ToPureTensor()])
+
+
+def _interpolation(name: str) -> v2.InterpolationMode:
+    return {"bicubic": v2.InterpolationMode.BICUBIC, "nearest": v2.InterpolationMode.NEAREST}.get(
+        name, v2.InterpolationMode.BILINEAR
+    )
+
+
+def with_transforms(data: Data, train_tf: Callable, eval_tf: Callable) -> Data:
+    """``data`` with its images transformed (text data is returned as it is)."""
+    if data.is_text:
+        return data
+    return replace(data, train=Transformed(data.train, train_tf), eval=Transformed(data.eval, eval_tf))
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    rt: Runtime,
+    train: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    collate: Callable | None = None,
+) -> DataLoader:
+    """A loader over this process's share of ``dataset``.
+
+    Training uses a DistributedSampler even in one process, so that N processes with batch B see exactly the
+    batches of one process with batch N x B. Evaluation takes every world_size-th item, unpadded.
+    """
+    if train:
+        sampler = DistributedSampler(dataset, rt.world_size, rt.rank, shuffle=True, seed=seed)
+    else:
+        dataset, sampler = Subset(dataset, range(rt.rank, len(dataset), rt.world_size)), None  # type: ignore[arg-type]
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        collate_fn=collate,
+        pin_memory=rt.device.type == "cuda",
+    )

@@ -1,0 +1,162 @@
+"""Fast training paths for deltas on frozen layers: one matmul per layer, no weight gradient, small saved state.
+
+A frozen linear layer needs no weight gradient, so it need not keep its input for backward (autograd already
+skips it when the weight does not require grad). The wrappers' ``forward`` methods call the functions here,
+which return None where no fast path applies (the wrapper then runs its plain formula):
+
+- SSF after a Linear: ``y = x (scale * W)^T + (scale * b + shift)``, one matmul with the weight scaled on the
+  fly. Backward keeps the OUTPUT y (often kept anyway by the next op: attention, GELU) instead of the input:
+  ``dshift = sum(dy)``, ``dscale = sum(dy * (y - shift) / scale) = (sum(dy * y) - shift * dshift) / scale``.
+  The division needs scale != 0 (it starts at N(1, 0.02) and stays near 1); the output must not be modified in
+  place afterwards (autograd then raises). The two sums are one pass over dy and y (``column_sums``).
+- SSF after a LayerNorm: folded into its affine (``w * scale``, ``b * scale + shift``); native LN backward.
+- LoRA on a Linear (no dropout): ``y = x (W + s B A)^T + b``, one matmul with the merged weight built on the fly
+  (weight-sized work, not activation-sized); see ``deltatune.fast_lora``.
+- BitFit needs nothing here: a frozen-weight linear with a trainable bias saves nothing and reduces dy once.
+- Adapters need nothing either: their layers are plain Linears; their extra memory is the base output that the
+  down-projection's weight gradient needs.
+
+Elsewhere (a trainable base weight, convolutions, SSF over another delta, LoRA dropout in training) the plain
+formulas run. All of it is plain PyTorch, traceable by torch.compile without graph breaks, on CPU and CUDA alike.
+``disabled()`` switches the fast paths off, so the plain formulas serve as the reference in tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_enabled = True
+
+
+def is_enabled() -> bool:
+    """Whether the wrappers route through the fast paths (True by default)."""
+    return _enabled
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Runs the wrappers' plain formulas inside the block: the reference the fast paths are checked against."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def plain_linear(layer: nn.Module) -> bool:
+    """A Linear whose forward is ``F.linear(x, weight, bias)``, with a frozen weight (its gradient would need x)."""
+    return type(layer).forward is nn.Linear.forward and isinstance(layer, nn.Linear) and not layer.weight.requires_grad
+
+
+def plain_layer_norm(layer: nn.Module) -> bool:
+    """A LayerNorm over the last dim whose forward is ``F.layer_norm`` (torch's, or timm's without fast-norm)."""
+    if not isinstance(layer, nn.LayerNorm) or len(layer.normalized_shape) != 1:
+        return False
+    cls = type(layer)
+    if cls.forward is nn.LayerNorm.forward:
+        return True
+    return cls.__module__ == "timm.layers.norm" and cls.__name__ == "LayerNorm" and not layer._fast_norm
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will want gradients through these tensors (else the inference formula serves)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def rows(t: Tensor) -> Tensor:
+    """(..., C) -> (N, C) without a copy when possible."""
+    return t.reshape(-1, t.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------- SSF
+
+
+def _column_sums_plain(dy: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    acc = torch.promote_types(dy.dtype, torch.float32)  # bf16/fp16 gradients are summed in fp32
+    dy = dy.to(acc)
+    return dy.sum(0), None if y is None else (dy * y.to(acc)).sum(0)
+
+
+@functools.cache
+def _column_sums_compiled() -> Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
+    return torch.compile(_column_sums_plain, dynamic=True)
+
+
+def column_sums(dy: Tensor, y: Tensor | None, block: int = 1 << 18) -> tuple[Tensor, Tensor | None]:
+    """``(dy.sum(0), (dy * y).sum(0))`` for (N, C) tensors in one pass over dy and y.
+
+    Under torch.compile inductor fuses the plain formula; on CUDA a compiled copy of it runs; on CPU the rows go
+    in blocks of ``block`` elements that stay in cache, reduced by matrix-vector products.
+    """
+    if torch.compiler.is_compiling():
+        return _column_sums_plain(dy, y)
+    if dy.device.type != "cpu":
+        return _column_sums_compiled()(dy, y)
+    if dy.dtype not in (torch.float32, torch.float64):
+        return _column_sums_plain(dy, y)
+    n, c = dy.shape
+    step = max(1, min(n, block // max(c, 1)))
+    ones = dy.new_ones(step)
+    dsum = dy.new_zeros(c)
+    dot = None if y is None else dy.new_zeros(c)
+    buf = None if y is None else dy.new_empty(step, c)
+    for i in range(0, n, step):
+        part = dy[i : i + step]  # (k, C): this block of rows, then its product with y, stay in cache
+        k = len(part)
+        dsum.addmv_(part.t(), ones[:k])
+        if y is not None:
+            prod = torch.mul(part, y[i : i + step], out=buf[:k])
+            dot.addmv_(prod.t(), ones[:k])
+    return dsum, dot
+
+
+class SSFLinearFn(torch.autograd.Function):
+    """``F.linear(x, W * scale[:, None], b * scale + shift)`` for a frozen W; saves the output, not the input."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> Tensor:
+        folded_bias = shift if bias is None else torch.addcmul(shift, bias, scale)
+        y = F.linear(x, weight * scale[:, None], folded_bias)
+        need_x, _, _, need_scale, _ = ctx.needs_input_grad
+        ctx.save_for_backward(weight if need_x else None, scale, shift, y if need_scale else None)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        weight, scale, shift, y = ctx.saved_tensors
+        need_x, _, need_b, need_scale, need_shift = ctx.needs_input_grad
+        dx = db = dscale = dshift = None
+        if need_x:
+            dx = dy.matmul((weight * scale[:, None]).to(dy.dtype))  # (..., in)
+        if need_b or need_scale or need_shift:
+            dsum, dot = column_sums(rows(dy), rows(y) if need_scale else None)  # (out,), one pass over dy and y
+            dsum = dsum.to(scale.dtype)
+            dshift = dsum if need_shift else None
+            db = dsum * scale if need_b else None
+            if need_scale:  # sum(dy * y0) with y0 = (y - shift) / scale, the pre-affine output
+                dscale = (dot.to(scale.dtype) - shift * dsum) / scale
+        return dx, None, db, dscale, dshift
+
+
+def ssf(base: nn.Module, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | None:
+    """SSF over ``base`` folded into it, or None where no fast path applies (the caller then runs the plain one)."""
+    if not _enabled:
+        return None
+    if plain_layer_norm(base):
+        weight = scale if base.weight is None else base.weight * scale
+        bias = shift if base.bias is None else torch.addcmul(shift, base.bias, scale)
+        return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+    if not plain_linear(base):
+        return None
+    if not needs_grad(x, base.bias, scale, shift):  # inference: the folded layer, one matmul
+        bias = shift if base.bias is None else torch.addcmul(shift, base.bias, scale)
+        return F.linear(x, base.weight * scale[:, None], bias)
+    return SSFLinearFn.apply(x, base.weight, base.bias, scale, shift)

@@ -1,0 +1,104 @@
+"""Text classification from a folder: ``train`` and ``test`` (or ``val``) files in CSV or JSONL, tokenised up front.
+
+Each row has a ``text`` column (and optionally ``text_pair``) and a ``label`` (integers, or names mapped to ids in
+sorted order). The tokenizer comes from a local path or name (``--tokenizer``, default the model's own).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from deltatune.errors import DeltaTuneError
+
+
+class TokenizedText(Dataset):
+    """Tokenised examples: ``(dict of 1-D token tensors, int label)``."""
+
+    def __init__(self, encodings: dict[str, list[list[int]]], labels: list[int]) -> None:
+        self.encodings, self.labels = encodings, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, Tensor], int]:
+        return {k: torch.tensor(v[i]) for k, v in self.encodings.items()}, self.labels[i]
+
+
+def _find(root: Path, names: tuple[str, ...]) -> Path:
+    for name in names:
+        for ext in (".csv", ".jsonl"):
+            if (root / f"{name}{ext}").is_file():
+                return root / f"{name}{ext}"
+    raise DeltaTuneError(
+        f"text folder {str(root)!r} has no {' or '.join(names)} file (.csv with a header, or "
+        ".jsonl); each row needs 'text' and 'label' (optionally 'text_pair')"
+    )
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a CSV (with header) or JSONL file, checked for the text and label columns."""
+    try:
+        if path.suffix == ".csv":
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+        raise DeltaTuneError(f"cannot parse {str(path)!r}: {e}") from None
+    if not rows:
+        raise DeltaTuneError(f"{str(path)!r} holds no examples")
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or "text" not in row or "label" not in row:
+            raise DeltaTuneError(f"{str(path)!r} row {n}: needs 'text' and 'label' fields, got {row!r:.120}")
+    return rows
+
+
+def load_text(
+    root: Path,
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    tokenizer: str | None = None,
+    max_length: int = 128,
+) -> Any:
+    """Reads, label-maps and tokenises a text-classification folder; returns a ``deltatune.data.Data``."""
+    from deltatune.data import Data
+
+    if tokenizer is None:
+        raise DeltaTuneError("text data needs a tokenizer: pass --tokenizer PATH (or use an hf: model)")
+    try:
+        from transformers import AutoTokenizer, DataCollatorWithPadding
+    except ImportError as e:
+        raise DeltaTuneError("text data needs transformers: pip install 'deltatune[text]'") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as e:
+        raise DeltaTuneError(f"cannot load the tokenizer {tokenizer!r}: {e}") from e
+    train_rows = read_rows(_find(root, (train_split,) if train_split else ("train",)))
+    eval_rows = read_rows(_find(root, (eval_split,) if eval_split else ("test", "val", "validation")))
+    raw = [r["label"] for r in train_rows + eval_rows]
+    if all(isinstance(v, int) or str(v).lstrip("-").isdigit() for v in raw):
+        ids = {v: int(v) for v in raw}
+    else:
+        ids = {v: i for i, v in enumerate(sorted({str(v) for v in raw}))}
+        ids = {v: ids[str(v)] for v in raw}
+
+    def encode(rows: list[dict[str, Any]]) -> TokenizedText:
+        pair = [r["text_pair"] for r in rows] if all("text_pair" in r for r in rows) else None
+        enc = tok([str(r["text"]) for r in rows], pair, truncation=True, max_length=max_length)
+        return TokenizedText(dict(enc), [ids[r["label"]] for r in rows])
+
+    collator = DataCollatorWithPadding(tok)
+
+    def collate(batch: list[tuple[dict[str, Tensor], int]]) -> tuple[dict[str, Tensor], Tensor]:
+        inputs = collator([{k: v.tolist() for k, v in x.items()} for x, _ in batch])
+        return dict(inputs), torch.tensor([y for _, y in batch])
+
+    num_classes = 1 + max(ids.values())
+    return Data(encode(train_rows), encode(eval_rows), num_classes, collate=collate, is_text=True)

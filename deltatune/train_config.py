@@ -1,0 +1,336 @@
+"""``TrainConfig``: every option of ``deltatune train``, one documented field each (the docstrings are the CLI help).
+
+Precedence: the field defaults, then a YAML file (``--config``), then options given on the command line.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deltatune.errors import DeltaTuneError
+from deltatune.registry import make_config
+
+TRANSFORMS = ("timm", "resize", "none")
+
+
+@dataclass
+class TrainConfig:
+    """One training run: backbone, delta method, data, augmentation, optimisation and bookkeeping."""
+
+    # Backbone and method
+    model: str = "deltatune_offline_vit"
+    """Backbone: a timm name (vit_base_patch16_224.augreg_in21k), deltatune_offline_vit (bundled, no download) or
+    hf:NAME_OR_PATH for a Hugging Face text model (AutoModelForSequenceClassification)."""
+    pretrained: bool = True
+    """Load the backbone's pretrained weights (timm downloads them unless --checkpoint names a local file)."""
+    checkpoint: str | None = None
+    """Local weight file for a timm backbone (.safetensors, or a torch state dict read with weights_only=True)."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments for timm.create_model, as YAML: "{drop_path_rate: 0.1, patch_size: 8}"."""
+    img_size: int | None = None
+    """Input resolution in pixels; default: the backbone's own."""
+    method: str | list[str] = "ssf"
+    """Delta-tuning method (see `deltatune.methods()`), or several trained together: "bitfit,adapter"."""
+    method_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the method, as YAML: "{r: 4, alpha: 8}"; for several methods key them by method name."""
+    train_head: bool = True
+    """Train a fresh classification head along with the deltas."""
+
+    # Data
+    dataset: str = "offline:digits"
+    """Dataset: a torchvision name (cifar100, flowers102, svhn, ...), offline:TASK (bundled, no download),
+    folder (ImageFolder train/ + val/ or test/), vtab[:TASK] (VTAB-1k lists), fgvc[:NAME] (VPT json splits),
+    text (train/test .csv or .jsonl with text,label) or synthetic (tiny generated images, for smoke tests)."""
+    data_dir: str = "data"
+    """Where the dataset lives (or is downloaded to)."""
+    download: bool = True
+    """Let torchvision download a missing dataset into data_dir."""
+    train_split: str | None = None
+    """Split to train on; default: the dataset's training split (VTAB-1k: train800val200, FGVC: trainval)."""
+    eval_split: str | None = None
+    """Split to evaluate on; default: test (use val200 / val to tune hyper-parameters)."""
+    max_train_samples: int | None = None
+    """Train on a seeded random subset of this many examples (quick experiments)."""
+    max_eval_samples: int | None = None
+    """Evaluate on a seeded random subset of this many examples."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the main process)."""
+    tokenizer: str | None = None
+    """Tokenizer path or name for text models; default: the model's own."""
+    max_length: int = 128
+    """Text: truncate sequences to this many tokens."""
+
+    # Augmentation and regularisation
+    train_transform: str = "timm"
+    """Training preprocessing: timm (random resized crop, flip, RandAugment, erasing), resize (direct resize, no
+    augmentation: the VTAB-1k protocol) or none (normalise only)."""
+    eval_transform: str = "timm"
+    """Evaluation preprocessing: timm (resize and centre crop), resize (direct resize) or none."""
+    hflip: float = 0.5
+    """Horizontal flip probability (timm training transform)."""
+    rand_augment: str | None = None
+    """timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment magnitude 9); none by default."""
+    color_jitter: float = 0.0
+    """Colour jitter strength (timm training transform, ignored with rand_augment)."""
+    reprob: float = 0.0
+    """Random erasing probability."""
+    mixup: float = 0.0
+    """Mixup alpha (0: off)."""
+    cutmix: float = 0.0
+    """CutMix alpha (0: off)."""
+    smoothing: float = 0.0
+    """Label smoothing."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.99992) and evaluate it too."""
+
+    # Optimisation
+    epochs: int = 10
+    """Training epochs."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up length in epochs (fractions allowed), then cosine decay to min_lr."""
+    batch_size: int = 64
+    """Batch size per process; the global batch is batch_size x number of processes."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+    warmup_lr: float = 1e-6
+    """Learning rate at the start of the warm-up."""
+    weight_decay: float = 0.05
+    """AdamW weight decay; never applied to 1-D parameters (SSF scale/shift, biases, norms)."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value."""
+    amp: bool | None = None
+    """bfloat16 autocast; default: on for CUDA, off on CPU."""
+
+    # Run
+    seed: int = 0
+    """Seed for initialisation, data order and augmentation."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (the process's GPU if any)."""
+    threads: int | None = None
+    """CPU threads for torch in each process; default: torch's."""
+    output_dir: str = "runs/train"
+    """Where the delta file, checkpoint, log.jsonl and report.json go."""
+    resume: bool = False
+    """Continue from output_dir/checkpoint.safetensors if it exists (same result as an uninterrupted run)."""
+    checkpoint_every: int = 1
+    """Save a resumable checkpoint every N epochs (0: never)."""
+    eval_every: int = 1
+    """Evaluate every N epochs (0: only after the last)."""
+    progress: bool = True
+    """Show tqdm progress bars."""
+    benchmark_seconds: float = 1.0
+    """Time spent measuring inference images/s for the report (0: skip)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, str) and "," in self.method:
+            self.method = [m.strip() for m in self.method.split(",") if m.strip()]
+        for name in ("train_transform", "eval_transform"):
+            if getattr(self, name) not in TRANSFORMS:
+                raise DeltaTuneError(f"{name} must be one of {', '.join(TRANSFORMS)}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise DeltaTuneError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "checkpoint_every", "eval_every", "warmup_epochs", "weight_decay", "lr"):
+            if getattr(self, name) < 0:
+                raise DeltaTuneError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("hflip", "reprob", "smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise DeltaTuneError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise DeltaTuneError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if (self.mixup or self.cutmix) and self.batch_size % 2:
+            raise DeltaTuneError(f"mixup/cutmix pair up images: batch_size must be even, got {self.batch_size}")
+        self.method_configs()  # validates method names and options now, not after the data is loaded
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Builds a config from plain values (YAML, JSON, CLI), converting strings like "1e-3" to the field types."""
+        if not isinstance(data, dict):
+            raise DeltaTuneError(f"a training config is a mapping of option: value, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = [k for k in data if k not in fields]
+        if unknown:
+            hints = [
+                f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, fields, 1)) else k for k in unknown
+            ]
+            raise DeltaTuneError(f"unknown training option(s): {', '.join(hints)}; see `deltatune train --help`")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: coerce(k, v, hints[k]) for k, v in data.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Reads a YAML recipe; ``overrides`` (e.g. command-line options) win over the file."""
+        return cls.from_dict({**read_yaml(path), **(overrides or {})})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (JSON/YAML-ready)."""
+        return dataclasses.asdict(self)
+
+    def method_configs(self) -> list[Any]:
+        """The method config objects this run applies (one per method name)."""
+        names = self.method if isinstance(self.method, list) else [self.method]
+        if not names:
+            raise DeltaTuneError("method: name at least one method; see `deltatune.methods()`")
+        if len(names) == 1:
+            return [make_config(names[0], **self.method_options)]
+        stray = [k for k in self.method_options if k not in names]
+        if stray:
+            raise DeltaTuneError(
+                f"method_options for several methods are keyed by method name ({', '.join(names)});"
+                f" got {', '.join(stray)}"
+            )
+        return [make_config(n, **(self.method_options.get(n) or {})) for n in names]
+
+
+SECTIONS: dict[str, list[str]] = {
+    "backbone and method": [
+        "model",
+        "pretrained",
+        "checkpoint",
+        "model_kwargs",
+        "img_size",
+        "method",
+        "method_options",
+        "train_head",
+    ],
+    "data": [
+        "dataset",
+        "data_dir",
+        "download",
+        "train_split",
+        "eval_split",
+        "max_train_samples",
+        "max_eval_samples",
+        "num_workers",
+        "tokenizer",
+        "max_length",
+    ],
+    "augmentation and regularisation": [
+        "train_transform",
+        "eval_transform",
+        "hflip",
+        "rand_augment",
+        "color_jitter",
+        "reprob",
+        "mixup",
+        "cutmix",
+        "smoothing",
+        "ema_decay",
+    ],
+    "optimisation": [
+        "epochs",
+        "warmup_epochs",
+        "batch_size",
+        "lr",
+        "min_lr",
+        "warmup_lr",
+        "weight_decay",
+        "grad_clip",
+        "amp",
+    ],
+    "run": [
+        "seed",
+        "device",
+        "threads",
+        "output_dir",
+        "resume",
+        "checkpoint_every",
+        "eval_every",
+        "progress",
+        "benchmark_seconds",
+    ],
+}
+
+
+@cache
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """The docstring under each dataclass field, joined into one line (read from the source with ``ast``)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else None
+        if is_field and isinstance(doc, str):
+            docs[node.target.id] = " ".join(doc.split())
+    return docs
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaTuneError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DeltaTuneError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise DeltaTuneError(f"config file {str(path)!r} must hold a mapping of option: value")
+    return data
+
+
+def coerce(name: str, value: Any, hint: Any) -> Any:
+    """Converts ``value`` (possibly a string from YAML or the command line) to the field's type."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        for arg in [a for a in args if a is not type(None)]:
+            try:
+                return coerce(name, value, arg)
+            except DeltaTuneError:
+                continue
+        raise DeltaTuneError(f"{name}: cannot read {value!r} as {hint}")
+    origin = typing.get_origin(hint) or hint
+    if isinstance(value, str) and origin in (dict, list, bool):
+        value = _parse_yaml_value(name, value)
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        raise DeltaTuneError(f"{name}: expected true or false, got {value!r}")
+    if origin in (int, float):
+        try:
+            number = origin(value)
+        except (TypeError, ValueError):
+            raise DeltaTuneError(f"{name}: expected a number, got {value!r}") from None
+        if origin is int and isinstance(value, float) and number != value:
+            raise DeltaTuneError(f"{name}: expected an integer, got {value!r}")
+        return number
+    if origin is str:
+        if isinstance(value, str):
+            return value
+        raise DeltaTuneError(f"{name}: expected text, got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise DeltaTuneError(f"{name}: expected a list of names, got {value!r}")
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise DeltaTuneError(f'{name}: expected a mapping like "{{key: value}}", got {value!r}')
+    return value
+
+
+def _parse_yaml_value(name: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise DeltaTuneError(f"{name}: cannot parse {text!r} as YAML ({e})") from e

@@ -1,0 +1,368 @@
+"""The training loop behind ``deltatune train``: one readable epoch loop with AdamW, warm-up + cosine, EMA, mixup,
+AMP, gradient clipping, DDP, per-epoch JSONL logs and exactly resumable checkpoints.
+
+    from deltatune.training import train
+    report = train({"model": "deltatune_offline_vit", "dataset": "offline:digits", "method": "ssf", "epochs": 5})
+
+Under ``torchrun --nproc_per_node N`` the same call trains with DistributedDataParallel; the global batch is
+``batch_size x N`` and the result matches one process with that batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from deltatune.backbones import create_backbone, data_config, forward, hf_name, is_text_model
+from deltatune.checkpoint import save_delta
+from deltatune.core import apply, summary
+from deltatune.data import Data, load_data, make_loader, make_transform, subsample, with_transforms
+from deltatune.distributed import Runtime, all_reduce_sum, runtime
+from deltatune.errors import DeltaTuneError
+from deltatune.report import format_table, measure
+from deltatune.train_config import TrainConfig
+from deltatune.train_state import load_state, rng_state, save_state
+
+__all__ = ["TrainConfig", "build_model", "cosine_lr", "evaluate", "fit", "make_optimizer", "train"]
+CHECKPOINT = "checkpoint.safetensors"
+DELTA = "delta.safetensors"
+
+
+@dataclass
+class Parts:
+    """Everything the loop updates: the model (and its DDP wrapper), optimizer, schedule, EMA, data, loss."""
+
+    model: nn.Module
+    ddp: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: ModelEmaV3 | None
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    criterion: nn.Module
+    mixup: Mixup | None
+
+
+def train(config: TrainConfig | dict[str, Any], data: Data | None = None) -> dict[str, Any]:
+    """Trains one delta-tuning run and returns its report (also written to ``output_dir/report.json``).
+
+    Args:
+        config: A TrainConfig or a dict of its fields.
+        data: Ready-made raw datasets instead of ``config.dataset`` (items ``(image, label)``).
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        with runtime(cfg.device, cfg.amp) as rt:
+            return _train(cfg, rt, data)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def seed_all(seed: int) -> None:
+    """Seeds torch, numpy and Python's random."""
+    import random
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The backbone with the config's methods applied (seeded: identical on every process)."""
+    seed_all(cfg.seed)
+    model = create_backbone(cfg.model, num_classes, cfg.pretrained, cfg.checkpoint, cfg.img_size, **cfg.model_kwargs)
+    return apply(model, cfg.method_configs(), head=cfg.train_head)
+
+
+def _load(cfg: TrainConfig) -> Data:
+    """The config's raw datasets (text ones tokenised with the model's tokenizer unless --tokenizer says otherwise)."""
+    text = is_text_model(cfg.model)
+    if text != (cfg.dataset == "text"):
+        raise DeltaTuneError(
+            f"model {cfg.model!r} and dataset {cfg.dataset!r} do not go together: text models "
+            "(hf:...) train on --dataset text, image models on image datasets"
+        )
+    options = {"tokenizer": cfg.tokenizer or hf_name(cfg.model), "max_length": cfg.max_length} if text else {}
+    return load_data(
+        cfg.dataset, cfg.data_dir, cfg.train_split, cfg.eval_split, cfg.download, cfg.seed, cfg.img_size, **options
+    )
+
+
+def _parts(cfg: TrainConfig, rt: Runtime, data: Data, model: nn.Module) -> Parts:
+    """Transforms and loaders for ``data``, then optimizer, schedule, EMA, mixup, loss and the DDP wrapper."""
+    if not data.is_text:
+        dcfg = data_config(model, cfg.img_size)
+        aug = {
+            "hflip": cfg.hflip,
+            "auto_augment": cfg.rand_augment,
+            "re_prob": cfg.reprob,
+            "color_jitter": cfg.color_jitter or None,
+        }
+        data = with_transforms(
+            data,
+            make_transform(cfg.train_transform, True, dcfg, **aug),
+            make_transform(cfg.eval_transform, False, dcfg),
+        )
+    elif cfg.mixup or cfg.cutmix:
+        raise DeltaTuneError("mixup/cutmix mix images; set them to 0 for text data")
+    use_mixup = bool(cfg.mixup or cfg.cutmix)
+    train_set = subsample(data.train, cfg.max_train_samples, cfg.seed)
+    eval_set = subsample(data.eval, cfg.max_eval_samples, cfg.seed)
+    common = {"rt": rt, "num_workers": cfg.num_workers, "collate": data.collate}
+    train_loader = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed, drop_last=use_mixup, **common)
+    eval_loader = make_loader(eval_set, cfg.batch_size, train=False, **common)
+    if len(train_loader) == 0:
+        raise DeltaTuneError(
+            f"{len(train_set)} training examples make no full batch of {cfg.batch_size} per process; lower --batch-size"
+        )
+    model.to(rt.device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    total, warmup = cfg.epochs * len(train_loader), round(cfg.warmup_epochs * len(train_loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_lr(step, total, warmup, cfg.lr, cfg.warmup_lr, cfg.min_lr) / max(cfg.lr, 1e-12)
+    )
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    mixup = (
+        Mixup(
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=data.num_classes
+        )
+        if use_mixup
+        else None
+    )
+    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
+    ddp = (
+        DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        if rt.distributed
+        else model
+    )
+    return Parts(model, ddp, optimizer, scheduler, ema, train_loader, eval_loader, criterion, mixup)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on 1-D ones (SSF scale/shift, biases, norms) nor on
+    the model's ``no_weight_decay()`` names (timm: position embedding, class token)."""
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay), lr=lr)
+
+
+def cosine_lr(step: int, total: int, warmup: int, lr: float, warmup_lr: float, min_lr: float) -> float:
+    """Learning rate at ``step``: linear warm-up from warmup_lr to lr over ``warmup`` steps, then cosine to min_lr."""
+    if step < warmup:
+        return warmup_lr + (lr - warmup_lr) * step / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+
+
+def _to(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy over the loader (all processes' shares together)."""
+    was_training = model.training
+    model.eval()
+    correct, loss, n = 0.0, 0.0, 0.0
+    for inputs, targets in loader:
+        inputs, targets = _to(inputs, rt.device), targets.to(rt.device)
+        with rt.autocast():
+            logits = forward(model, inputs).float()
+        correct += (logits.argmax(-1) == targets).sum().item()
+        loss += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        n += len(targets)
+    model.train(was_training)
+    correct, loss, n = all_reduce_sum(rt, [correct, loss, n])
+    return {"top1": 100.0 * correct / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
+
+
+def fit(p: Parts, cfg: TrainConfig, rt: Runtime, start_epoch: int = 0, history: list | None = None) -> list[dict]:
+    """Trains from ``start_epoch`` to ``cfg.epochs``; after each epoch evaluates, logs and checkpoints.
+
+    Raises:
+        DeltaTuneError: On a NaN/inf loss or gradient; the last checkpoint (the previous epoch's) is kept.
+    """
+    history = list(history or [])
+    out = Path(cfg.output_dir)
+    trainable = [q for q in p.model.parameters() if q.requires_grad]
+    step = start_epoch * len(p.train_loader)
+    for epoch in range(start_epoch, cfg.epochs):
+        p.train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        p.ddp.train()
+        start, loss_sum, seen = time.perf_counter(), 0.0, 0
+        bar = tqdm(
+            p.train_loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not (cfg.progress and rt.is_main),
+        )
+        for inputs, targets in bar:
+            inputs, targets = _to(inputs, rt.device), targets.to(rt.device)
+            if p.mixup is not None:
+                inputs, targets = p.mixup(inputs, targets)
+            with rt.autocast():
+                logits = forward(p.ddp, inputs)
+            loss = p.criterion(logits.float(), targets)
+            p.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                norm = nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            else:
+                norm = nn.utils.get_total_norm([q.grad for q in trainable if q.grad is not None])
+            value = loss.item()
+            if not (math.isfinite(value) and torch.isfinite(norm)):
+                kept = f"; the last good checkpoint ({out / CHECKPOINT}) is kept" if (out / CHECKPOINT).exists() else ""
+                raise DeltaTuneError(
+                    f"training diverged at epoch {epoch + 1}, step {step + 1}: loss {value}, gradient "
+                    f"norm {float(norm)}{kept}. Lower --lr, set --grad-clip, or check the data "
+                    "for NaN/inf values"
+                )
+            p.optimizer.step()
+            p.scheduler.step()
+            step += 1
+            if p.ema is not None:
+                p.ema.update(p.model)
+            loss_sum, seen = loss_sum + value * len(targets), seen + len(targets)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{p.optimizer.param_groups[0]['lr']:.2e}")
+        loss_sum, seen = all_reduce_sum(rt, [loss_sum, float(seen)])
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "lr": p.optimizer.param_groups[0]["lr"],
+            "epoch_s": time.perf_counter() - start,
+        }
+        record["train_images_per_s"] = seen / record["epoch_s"]
+        last = epoch + 1 == cfg.epochs
+        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            record.update({f"eval_{k}": v for k, v in evaluate(p.model, p.eval_loader, rt).items() if k != "n"})
+            if p.ema is not None:
+                record["ema_top1"] = evaluate(p.ema.module, p.eval_loader, rt)["top1"]
+        history.append(record)
+        if rt.is_main:
+            with (out / "log.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if cfg.progress:
+                tqdm.write(_epoch_line(record, cfg.epochs))
+        if cfg.checkpoint_every and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
+            _checkpoint(p, cfg, rt, history)
+    return history
+
+
+def _epoch_line(r: dict[str, Any], epochs: int) -> str:
+    line = f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  lr {r['lr']:.2e}"
+    if "eval_top1" in r:
+        line += f"  top-1 {r['eval_top1']:.2f}%"
+    if "ema_top1" in r:
+        line += f"  ema top-1 {r['ema_top1']:.2f}%"
+    return line + f"  ({r['epoch_s']:.1f} s)"
+
+
+def _checkpoint(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict]) -> None:
+    """Rank 0 writes every process's RNG state with the rest; the others wait so that no one runs ahead."""
+    states: list[Any] = [None] * rt.world_size
+    if rt.distributed:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if rt.is_main:
+        info = {"epoch": history[-1]["epoch"], "history": history, "config": cfg.to_dict()}
+        save_state(
+            Path(cfg.output_dir) / CHECKPOINT,
+            p.model,
+            p.optimizer,
+            p.scheduler,
+            p.ema.module if p.ema else None,
+            info,
+            states,
+        )
+    if rt.distributed:
+        dist.barrier()
+
+
+def _resume(p: Parts, cfg: TrainConfig, rt: Runtime) -> tuple[int, list[dict]]:
+    path = Path(cfg.output_dir) / CHECKPOINT
+    if not cfg.resume or not path.is_file():
+        if cfg.resume and rt.is_main and cfg.progress:
+            print(f"resume: no checkpoint at {path}; starting from epoch 1")
+        return 0, []
+    info = load_state(path, p.model, p.optimizer, p.scheduler, p.ema.module if p.ema else None, rt.rank)
+    changed = sorted(
+        k
+        for k, v in info["config"].items()
+        if cfg.to_dict().get(k) != v and k not in ("resume", "progress", "num_workers", "threads")
+    )
+    if rt.is_main and cfg.progress:
+        print(
+            f"resumed from {path} after epoch {info['epoch']}"
+            + (f" (options changed since: {', '.join(changed)})" if changed else "")
+        )
+    return info["epoch"], info["history"]
+
+
+def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
+    wall = time.perf_counter()
+    out = Path(cfg.output_dir)
+    data = data or _load(cfg)
+    model = build_model(cfg, data.num_classes)
+    p = _parts(cfg, rt, data, model)
+    seed_all(cfg.seed + 1000 * rt.rank)  # augmentation and dropout differ between processes
+    start_epoch, history = _resume(p, cfg, rt)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        # The log restarts from the checkpoint's own history: epochs after it are trained again.
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        if cfg.progress and not start_epoch:
+            print(summary(model))
+    history = fit(p, cfg, rt, start_epoch, history)
+    final = {k[5:]: v for k, v in history[-1].items() if k.startswith("eval_")} if history else {}
+    if "top1" not in final:
+        final = evaluate(p.model, p.eval_loader, rt)
+    report: dict[str, Any] = {
+        "method": "+".join(c.name for c in cfg.method_configs()),
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "top1": final["top1"],
+        "eval_loss": final["loss"],
+        "epochs": cfg.epochs,
+        "world_size": rt.world_size,
+        "global_batch_size": cfg.batch_size * rt.world_size,
+    }
+    if p.ema is not None:
+        report["ema_top1"] = history[-1].get("ema_top1") or evaluate(p.ema.module, p.eval_loader, rt)["top1"]
+    if not rt.is_main:
+        return report
+    report["delta_path"] = str(out / DELTA)
+    report["delta_bytes"] = save_delta(model, out / DELTA)
+    if p.ema is not None:
+        save_delta(p.ema.module, out / "delta_ema.safetensors")
+    batch = _to(next(iter(p.eval_loader))[0], rt.device)
+    report.update(measure(model, batch, cfg.benchmark_seconds, rt.amp))
+    report["wall_s"] = time.perf_counter() - wall
+    report["history"] = history
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if cfg.progress:
+        print(format_table([report]))
+    return report

@@ -1,0 +1,83 @@
+"""``deltatune bench`` on the tiny ViT for one step: the report's fields and that its numbers agree with each other."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from deltatune import bench
+
+FIELDS = {
+    "name", "trainable", "step_ms", "step_ms_all", "images_per_s", "step_x_full", "step_x_floor", "memory_kind",
+    "step_x_floor_paired",
+    "memory_bytes", "memory_x_floor", "infer_ms", "merged_infer_ms", "infer_x_plain", "merged_x_plain",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch", "2", "--steps", "2"]
+    argv += ["--warmup", "0", "--methods", "bitfit,ssf,ssf-plain,lora,adapter,peft-lora"]
+    argv += ["--json", str(out / "r.json"), "--md", str(out / "r.md")]
+    assert bench.main(argv) == 0
+    return json.loads((out / "r.json").read_text()), out
+
+
+def test_json_has_every_configuration_and_field(report: tuple[dict, Path]) -> None:
+    data, _ = report
+    names = [r["name"] for r in data["results"]]
+    assert names[:2] == ["floor", "full"]  # the two references always run
+    assert {"bitfit", "ssf", "ssf-plain", "lora", "adapter"} <= set(names)
+    for r in data["results"]:
+        assert FIELDS <= r.keys(), r["name"]
+        assert len(r["step_ms_all"]) == 2
+    assert data["meta"]["command"].startswith("deltatune bench --device cpu")
+    assert data["meta"]["model"] == "test_vit" and data["meta"]["batch"] == 2
+
+
+def test_numbers_are_self_consistent(report: tuple[dict, Path]) -> None:
+    data, _ = report
+    rows = {r["name"]: r for r in data["results"]}
+    full, floor = rows["full"], rows["floor"]
+    for r in rows.values():
+        assert math.isclose(r["step_ms"], sorted(r["step_ms_all"])[0] / 2 + sorted(r["step_ms_all"])[1] / 2)
+        assert math.isclose(r["step_x_full"], r["step_ms"] / full["step_ms"])
+        assert math.isclose(r["step_x_floor"], r["step_ms"] / floor["step_ms"])
+        paired = [t / f for t, f in zip(r["step_ms_all"], floor["step_ms_all"])]
+        assert math.isclose(r["step_x_floor_paired"], (paired[0] + paired[1]) / 2)
+        assert math.isclose(r["images_per_s"], 2 * 1000 / r["step_ms"])
+        assert math.isclose(r["memory_x_floor"], r["memory_bytes"] / floor["memory_bytes"])
+        assert r["memory_kind"] == "saved_activations" and r["memory_bytes"] > 0
+        assert math.isclose(r["infer_x_plain"], r["infer_ms"] / floor["infer_ms"])
+        if r["merged_x_plain"] is not None:
+            assert math.isclose(r["merged_x_plain"], r["merged_infer_ms"] / floor["infer_ms"])
+    assert floor["trainable"] == 0 and full["trainable"] > rows["lora"]["trainable"] > rows["ssf"]["trainable"]
+    assert rows["ssf"]["memory_bytes"] < rows["ssf-plain"]["memory_bytes"]  # the folded SSF keeps less
+    assert rows["ssf-plain"]["merged_infer_ms"] is None and rows["adapter"]["merged_infer_ms"] is not None
+
+
+def test_markdown_starts_with_the_command(report: tuple[dict, Path]) -> None:
+    data, out = report
+    text = (out / "r.md").read_text()
+    assert text.startswith("```\n" + data["meta"]["command"] + "\n```")
+    assert "| config | step ms | x full | x floor |" in text
+    assert text.count("\n| ") == len(data["results"]) + 2
+
+
+def test_mounts_as_a_subcommand() -> None:
+    parser = argparse.ArgumentParser(prog="deltatune")
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(["bench", "--batch", "4", "--methods", "ssf"])
+    assert ns.func is bench.run and ns.batch == 4 and ns.methods == "ssf"
+
+
+def test_unknown_configuration_is_a_user_error() -> None:
+    from deltatune.errors import DeltaTuneError
+
+    with pytest.raises(DeltaTuneError, match="unknown configuration"):
+        bench.main(["--model", "test_vit", "--img-size", "32", "--methods", "nope"])

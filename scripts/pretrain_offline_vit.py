@@ -1,8 +1,10 @@
 """Pretrains the bundled offline ViT on FractalDB-style images and saves it headless, in fp16, as safetensors.
 
-Command (its defaults regenerate the shipped file; measured ~13 minutes on 2 shared CPU cores):
+Command (its defaults regenerate the shipped file):
     python scripts/pretrain_offline_vit.py --out deltatune/weights/offline_vit.safetensors
-Expected: see the file's metadata (``pretrain_val_acc``, ``probe_digits_pretrained`` vs ``probe_digits_random``).
+Measured on 2 shared CPU cores (load ~3): 12 min 58 s wall in all, 684 s of it pretraining (1200 steps of 64).
+Expected: fractal held-out accuracy 0.897 (100 classes); digits linear probe 0.910 with these weights vs 0.839 at
+random init (mean of 3 inits). The file's metadata records these numbers for the run that made it.
 
 Re-measure the digits linear probe of an existing file (pretrained vs random init), without training:
     python scripts/pretrain_offline_vit.py --probe-only --out deltatune/weights/offline_vit.safetensors
@@ -29,9 +31,6 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegressionCV
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from deltatune.offline.backbone import OFFLINE_MEAN, OFFLINE_STD, OFFLINE_VIT_ARCH, read_weights_metadata
 from deltatune.offline.formula import FractalDataset
-from deltatune.offline.tasks import make_task
+from deltatune.offline.probe import digits_probe, normalise, random_probe
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,22 +47,16 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("deltatune/weights/offline_vit.safetensors"))
     p.add_argument("--num-classes", type=int, default=100, help="fractal classes (random IFS)")
-    p.add_argument("--per-class", type=int, default=200, help="fresh renders per class per epoch")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--per-class", type=int, default=128, help="fresh renders per class per epoch")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the weights depend on it slightly)")
     p.add_argument("--probe-only", action="store_true", help="only measure the digits probe of --out")
     return p.parse_args()
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """Maps uint8 images (N, 3, H, W) to the model's normalised float input."""
-    mean, std = torch.tensor(OFFLINE_MEAN)[:, None, None], torch.tensor(OFFLINE_STD)[:, None, None]
-    return (images.float() / 255 - mean) / std
 
 
 def train_epoch(
@@ -94,39 +87,11 @@ def train_epoch(
 
 
 @torch.no_grad()
-def features(model: VisionTransformer, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """Pre-logits features (the normed class token) of uint8 images, as a numpy array (N, D)."""
-    model.eval()
-    out = [model.forward_head(model.forward_features(normalise(x)), pre_logits=True) for x in images.split(batch_size)]
-    return torch.cat(out).numpy()
-
-
-@torch.no_grad()
 def evaluate(model: VisionTransformer, data: FractalDataset, batch_size: int = 256) -> float:
     """Top-1 accuracy on ``data``."""
     model.eval()
     preds = torch.cat([model(normalise(x)).argmax(-1) for x in data.images.split(batch_size)])
     return float((preds == data.labels).float().mean())
-
-
-def digits_probe(model: VisionTransformer, seed: int = 0) -> float:
-    """Test accuracy of a logistic-regression probe on frozen features for the offline ``digits`` task.
-
-    The probe standardises features and picks its L2 strength by 5-fold cross-validation on the training split only.
-    """
-    train, test, _ = make_task("digits", seed=seed, image_size=model.patch_embed.img_size[0])
-    probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=5, max_iter=3000))
-    probe.fit(features(model, train.images), train.labels.numpy())
-    return float(probe.score(features(model, test.images), test.labels.numpy()))
-
-
-def random_probe(arch: dict, seeds: tuple[int, ...] = (0, 1, 2)) -> list[float]:
-    """Digits probe accuracy of the same architecture at timm's random init, for several init seeds."""
-    accs = []
-    for s in seeds:
-        torch.manual_seed(s)
-        accs.append(digits_probe(VisionTransformer(**arch, num_classes=0)))
-    return accs
 
 
 def probe_only(path: Path) -> None:
@@ -146,7 +111,7 @@ def main() -> None:
     if args.probe_only:
         probe_only(args.out)
         return
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     arch = dict(OFFLINE_VIT_ARCH)
     size = arch["img_size"]
     torch.manual_seed(args.seed)
@@ -173,7 +138,7 @@ def main() -> None:
             f"({time.time() - start:.0f} s)",
             flush=True,
         )
-    pretrain_time = time.time() - start
+    pretrain_time, pretrain_cpu = time.time() - start, time.process_time() - cpu_start
     probe_pre, probe_rand = digits_probe(model), random_probe(arch)
     print(f"digits probe: pretrained {probe_pre:.4f} | random init {np.mean(probe_rand):.4f} {probe_rand}")
     metadata = {
@@ -188,8 +153,10 @@ def main() -> None:
         "pretrain_train_acc": f"{train_acc:.4f}",
         "pretrain_val_acc": f"{val_acc:.4f}",
         "pretrain_seconds": f"{pretrain_time:.0f}",
+        "pretrain_cpu_seconds": f"{pretrain_cpu:.0f}",
         "probe_digits_pretrained": f"{probe_pre:.4f}",
         "probe_digits_random": f"{np.mean(probe_rand):.4f}",
+        "probe_digits_random_per_seed": json.dumps([round(a, 4) for a in probe_rand]),
         "date": datetime.date.today().isoformat(),
         "versions": f"torch {torch.__version__}, timm {timm.__version__}",
     }

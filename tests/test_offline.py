@@ -3,6 +3,7 @@
 import json
 import socket
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -12,6 +13,7 @@ from deltatune.errors import DeltaTuneError
 from deltatune.offline import TASKS, WEIGHTS_FILE, FractalDataset, create_offline_vit, make_task, read_weights_metadata
 from deltatune.offline.backbone import OFFLINE_VIT_ARCH
 from deltatune.offline.formula import filling_rate, render_ifs, sample_good_ifs
+from deltatune.offline.probe import digits_probe, random_probe
 
 TASK_SIZES = {"digits": (1000, 797, 10), "digits-shift": (1000, 797, 10), "count": (800, 400, 6)}
 TASK_SIZES |= {"location": (800, 400, 9), "orientation": (800, 400, 8)}
@@ -148,10 +150,17 @@ def test_weight_file_size_dtype_and_metadata(shipped: dict[str, torch.Tensor]) -
     assert json.loads(meta["mean"]) == [0.5, 0.5, 0.5] and json.loads(meta["std"]) == [0.5, 0.5, 0.5]
     assert meta["command"].startswith("python scripts/pretrain_offline_vit.py")
     assert meta["seed"] == "0" and len(meta["date"]) == 10
-    # The shipped file is a pilot run: it records its measured quality, which is above chance (0.01 for 100
-    # classes) but does not yet beat a random-init backbone on the digits probe (see README: open work).
-    assert 0.01 < float(meta["pretrain_val_acc"]) <= 1.0
-    assert 0.0 < float(meta["probe_digits_pretrained"]) <= 1.0 and 0.0 < float(meta["probe_digits_random"]) <= 1.0
+    assert 0.5 < float(meta["pretrain_val_acc"]) <= 1.0  # 100 fractal classes: chance is 0.01
+
+
+def test_shipped_weights_beat_random_init_on_the_digits_probe() -> None:
+    """Re-measures what the file records: a linear probe on the pretrained features beats every random init."""
+    meta = read_weights_metadata()
+    pretrained = digits_probe(create_offline_vit(num_classes=0))
+    random_inits = random_probe(OFFLINE_VIT_ARCH)
+    assert pretrained == pytest.approx(float(meta["probe_digits_pretrained"]), abs=0.01)
+    assert np.mean(random_inits) == pytest.approx(float(meta["probe_digits_random"]), abs=0.01)
+    assert pretrained > max(random_inits) + 0.03, (pretrained, random_inits)
 
 
 def test_create_offline_vit_loads_shipped_weights_exactly(shipped: dict[str, torch.Tensor]) -> None:

@@ -49,14 +49,20 @@ def neuron_scores(adapter: Adapter, score: str, activations: Tensor | None = Non
     raise DeltaTuneError(f"prune_adapters: unknown score {score!r}; choose one of {', '.join(SCORES)}")
 
 
-def _activations(model: nn.Module, found: list[tuple[str, Adapter]], run: Callable[[], Any]) -> dict[str, Tensor]:
-    """Mean |activation| of each hidden neuron over one call of ``run`` (a forward pass)."""
+def activation_scores(
+    found: list[tuple[str, Adapter]], run: Callable[[], Any], reduce: bool = False
+) -> dict[str, Tensor]:
+    """Mean |activation| of each hidden neuron over everything ``run`` (forward passes) feeds the adapters;
+    ``reduce``: over all processes of the torch.distributed group, so that every process prunes alike."""
     sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
     hooks = []
     for name, adapter in found:
 
         def hook(_m: nn.Module, _i: Any, out: Tensor, name: str = name) -> None:
-            sums[name] = out.detach().abs().flatten(0, -2).mean(0)
+            flat = out.detach().abs().flatten(0, -2).float()
+            sums[name] = sums.get(name, 0) + flat.sum(0)
+            counts[name] = counts.get(name, 0) + len(flat)
 
         hooks.append(adapter.adapter_act.register_forward_hook(hook))
     try:
@@ -65,7 +71,13 @@ def _activations(model: nn.Module, found: list[tuple[str, Adapter]], run: Callab
     finally:
         for h in hooks:
             h.remove()
-    return sums
+    if reduce and torch.distributed.is_initialized():
+        for name in sums:
+            n = torch.tensor([float(counts[name])], device=sums[name].device)
+            torch.distributed.all_reduce(sums[name])
+            torch.distributed.all_reduce(n)
+            counts[name] = int(n.item())
+    return {n: sums[n] / counts[n] for n in sums}
 
 
 def _removed_sites(model: nn.Module) -> dict[str, int]:
@@ -100,6 +112,7 @@ def prune_adapters(
     inputs: Callable[[], Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     seed: int = 0,
+    activations: dict[str, Tensor] | None = None,
 ) -> dict[str, int]:
     """Prunes adapter neurons to a cumulative fraction ``amount`` of the original ones; returns the new sizes.
 
@@ -110,6 +123,7 @@ def prune_adapters(
         inputs: for score="activation", a callable that runs forward passes on calibration data.
         optimizer: if given, its parameters and state (e.g. Adam moments) follow the surviving neurons.
         seed: for score="random".
+        activations: for score="activation", ready-made ``activation_scores`` (e.g. summed over processes).
 
     Returns:
         Each adapter site's new hidden size; 0 means the adapter was removed.
@@ -121,7 +135,7 @@ def prune_adapters(
     found = adapters(model)
     if not found:
         raise DeltaTuneError("prune_adapters: the model has no adapters; apply 'adapter' or 'mimi' first")
-    acts = _activations(model, found, inputs) if score == "activation" and inputs is not None else {}
+    acts = activations or (activation_scores(found, inputs) if score == "activation" and inputs is not None else {})
     scores = {n: neuron_scores(a, score, acts.get(n), seed) for n, a in found}
     counts = _keep_counts(model, found, scores, amount, scope)
     sizes: dict[str, int] = {}
@@ -138,6 +152,34 @@ def prune_adapters(
     _record_sizes(model, found, sizes)
     removed = {site: 0 for site in _removed_sites(model)}
     return {**removed, **sizes}
+
+
+def adapter_sizes(model: nn.Module, original: bool = False) -> dict[str, int]:
+    """Every adapter site's current hidden size, removed ones as 0 (what ``resize_adapters`` restores), in
+    the model's order; ``original``: the sizes before any pruning."""
+    removed = _removed_sites(model)
+    live = {a.site or n: a.original_hidden if original else a.hidden for n, a in adapters(model)}
+    sizes = {site: removed[site] if original else 0 for site in removed} | live
+    order = [n for n, _ in model.named_modules()]
+    return dict(sorted(sizes.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def resize_adapters(model: nn.Module, sizes: dict[str, int]) -> None:
+    """Gives the adapters the hidden ``sizes`` (0: removed) by keeping their first neurons; for restoring a
+    pruned checkpoint's shapes before its values are copied in."""
+    found = adapters(model)
+    unknown = set(sizes) - {a.site or n for n, a in found} - set(_removed_sites(model))
+    if unknown:
+        raise DeltaTuneError(f"resize_adapters: no adapter at {sorted(unknown)[:3]}")
+    for name, adapter in found:
+        size = sizes.get(adapter.site or name, adapter.hidden)
+        if size == 0:
+            set_module(model, name, adapter.base)
+        elif size < adapter.hidden:
+            adapter.resize(torch.arange(size))
+        elif size > adapter.hidden:
+            raise DeltaTuneError(f"resize_adapters: {name} has {adapter.hidden} neurons, cannot grow to {size}")
+    _record_sizes(model, found, {a.site or n: sizes.get(a.site or n, a.hidden) for n, a in found})
 
 
 def _record_sizes(model: nn.Module, found: list[tuple[str, Adapter]], sizes: dict[str, int]) -> None:

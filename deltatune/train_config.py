@@ -48,6 +48,26 @@ class TrainConfig:
     train_head: bool = True
     """Train a fresh classification head along with the deltas."""
 
+    # Phases: sequential stages and MiMi pruning
+    stages: list[str] | None = None
+    """Sequential stages instead of --method: "prompt,bitfit,adapter" trains each method in turn for --epochs
+    epochs while the earlier stages' deltas stay frozen ("bitfit+adapter" trains two together in one stage)."""
+    rho: float | None = None
+    """mimi: fraction of the remaining adapter neurons pruned after each phase (default 0.5)."""
+    phases: int | None = None
+    """mimi: training phases, each --epochs long, with a pruning after all but the last (default: as many as rho
+    needs to reach the target; if set, rho is derived from it)."""
+    target_sigma: float | None = None
+    """mimi: prune until the adapters are as small as this sigma makes them (default 32)."""
+    target_params: int | None = None
+    """mimi: prune until the adapters hold this many parameters (instead of --target-sigma)."""
+    prune_score: str | None = None
+    """mimi: neuron score, mimi (default), l1, random, grad or activation (the paper's ablations)."""
+    prune_scope: str | None = None
+    """mimi: global (one ranking over all adapters, default) or local (the same fraction in each adapter)."""
+    prune_batches: int = 8
+    """mimi: training batches whose gradients (score grad) or activations (score activation) rank the neurons."""
+
     # Data
     dataset: str = "offline:digits"
     """Dataset: a torchvision name (cifar100, flowers102, svhn, ...), offline:TASK (bundled, no download),
@@ -138,10 +158,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.method, str) and "," in self.method:
             self.method = [m.strip() for m in self.method.split(",") if m.strip()]
+        if self.stages:
+            self.stages = [m.strip() for s in self.stages for m in s.split(",") if m.strip()]
         for name in ("train_transform", "eval_transform"):
             if getattr(self, name) not in TRANSFORMS:
                 raise DeltaTuneError(f"{name} must be one of {', '.join(TRANSFORMS)}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "max_length"):
+        for name in ("epochs", "batch_size", "max_length", "prune_batches"):
             if getattr(self, name) < 1:
                 raise DeltaTuneError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "checkpoint_every", "eval_every", "warmup_epochs", "weight_decay", "lr"):
@@ -181,19 +203,44 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def method_configs(self) -> list[Any]:
-        """The method config objects this run applies (one per method name)."""
-        names = self.method if isinstance(self.method, list) else [self.method]
-        if not names:
-            raise DeltaTuneError("method: name at least one method; see `deltatune.methods()`")
+        """The method config objects this run applies, all stages together (one per method name)."""
+        return [c for stage in self.stage_configs() for c in stage]
+
+    def stage_configs(self) -> list[list[Any]]:
+        """The method configs of each sequential stage (one stage unless --stages is given)."""
+        if self.stages:
+            stages = [[n.strip() for n in s.split("+") if n.strip()] for s in self.stages]
+        else:
+            stages = [self.method if isinstance(self.method, list) else [self.method]]
+        names = [n for stage in stages for n in stage]
+        if not names or not all(stages):
+            raise DeltaTuneError("method/stages: name at least one method per stage; see `deltatune.methods()`")
+        if len(set(names)) != len(names):
+            raise DeltaTuneError(f"stages: each method may appear once, got {', '.join(names)}")
         if len(names) == 1:
-            return [make_config(names[0], **self.method_options)]
-        stray = [k for k in self.method_options if k not in names]
-        if stray:
-            raise DeltaTuneError(
-                f"method_options for several methods are keyed by method name ({', '.join(names)});"
-                f" got {', '.join(stray)}"
-            )
-        return [make_config(n, **(self.method_options.get(n) or {})) for n in names]
+            options = {names[0]: self.method_options}
+        else:
+            stray = [k for k in self.method_options if k not in names]
+            if stray:
+                raise DeltaTuneError(
+                    f"method_options for several methods are keyed by method name ({', '.join(names)});"
+                    f" got {', '.join(stray)}"
+                )
+            options = self.method_options
+        pruning = {PRUNING[k]: getattr(self, k) for k in PRUNING if getattr(self, k) is not None}
+        if pruning and "mimi" not in names:
+            raise DeltaTuneError(f"{', '.join(pruning)}: pruning options go with --method mimi")
+        if "target_params" in pruning:
+            pruning["target_sigma"] = None
+        configs = [[make_config(n, **(options.get(n) or {})) for n in stage] for stage in stages]
+        return [[dataclasses.replace(c, **pruning) if c.name == "mimi" else c for c in stage] for stage in configs]
+
+
+# TrainConfig option -> MiMiConfig field
+PRUNING = {k: k for k in ("rho", "phases", "target_sigma", "target_params")} | {
+    "prune_score": "score",
+    "prune_scope": "scope",
+}
 
 
 SECTIONS: dict[str, list[str]] = {
@@ -206,6 +253,16 @@ SECTIONS: dict[str, list[str]] = {
         "method",
         "method_options",
         "train_head",
+    ],
+    "phases: sequential stages and MiMi pruning": [
+        "stages",
+        "rho",
+        "phases",
+        "target_sigma",
+        "target_params",
+        "prune_score",
+        "prune_scope",
+        "prune_batches",
     ],
     "data": [
         "dataset",

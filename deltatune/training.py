@@ -10,9 +10,11 @@ Under ``torchrun --nproc_per_node N`` the same call trains with DistributedDataP
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,20 +27,22 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deltatune.backbones import create_backbone, data_config, forward, hf_name, is_text_model
 from deltatune.checkpoint import save_delta
-from deltatune.core import apply, summary
+from deltatune.core import apply, summary, trainable_parameters
 from deltatune.data import Data, load_data, make_loader, make_transform, subsample, with_transforms
 from deltatune.distributed import Runtime, all_reduce_sum, runtime
 from deltatune.errors import DeltaTuneError
-from deltatune.report import format_table, measure
+from deltatune.phases import Phase, describe, enter_stage, plan, prune, restore
+from deltatune.pruning import adapter_sizes, adapters
+from deltatune.report import format_table, measure, plot_allocation
 from deltatune.train_config import TrainConfig
-from deltatune.train_state import load_state, rng_state, save_state
+from deltatune.train_state import load_state, read_info, rng_state, save_state
 
 __all__ = ["TrainConfig", "build_model", "cosine_lr", "evaluate", "fit", "make_optimizer", "train"]
 CHECKPOINT = "checkpoint.safetensors"
@@ -47,17 +51,17 @@ DELTA = "delta.safetensors"
 
 @dataclass
 class Parts:
-    """Everything the loop updates: the model (and its DDP wrapper), optimizer, schedule, EMA, data, loss."""
+    """Everything the loop updates: the model, data, loss, and per phase its DDP wrapper, optimizer, schedule, EMA."""
 
     model: nn.Module
-    ddp: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    ema: ModelEmaV3 | None
     train_loader: DataLoader
     eval_loader: DataLoader
     criterion: nn.Module
     mixup: Mixup | None
+    ddp: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    ema: ModelEmaV3 | None = None
 
 
 def train(config: TrainConfig | dict[str, Any], data: Data | None = None) -> dict[str, Any]:
@@ -88,10 +92,10 @@ def seed_all(seed: int) -> None:
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The backbone with the config's methods applied (seeded: identical on every process)."""
+    """The backbone with the config's (first stage's) methods applied (seeded: identical on every process)."""
     seed_all(cfg.seed)
     model = create_backbone(cfg.model, num_classes, cfg.pretrained, cfg.checkpoint, cfg.img_size, **cfg.model_kwargs)
-    return apply(model, cfg.method_configs(), head=cfg.train_head)
+    return apply(model, cfg.stage_configs()[0], head=cfg.train_head)
 
 
 def _load(cfg: TrainConfig) -> Data:
@@ -108,8 +112,8 @@ def _load(cfg: TrainConfig) -> Data:
     )
 
 
-def _parts(cfg: TrainConfig, rt: Runtime, data: Data, model: nn.Module) -> Parts:
-    """Transforms and loaders for ``data``, then optimizer, schedule, EMA, mixup, loss and the DDP wrapper."""
+def _parts(cfg: TrainConfig, rt: Runtime, data: Data, model: nn.Module, phase: Phase) -> Parts:
+    """Transforms and loaders for ``data``, mixup and loss, then the first phase's optimizer, schedule, EMA, DDP."""
     if not data.is_text:
         dcfg = data_config(model, cfg.img_size)
         aug = {
@@ -136,12 +140,6 @@ def _parts(cfg: TrainConfig, rt: Runtime, data: Data, model: nn.Module) -> Parts
             f"{len(train_set)} training examples make no full batch of {cfg.batch_size} per process; lower --batch-size"
         )
     model.to(rt.device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    total, warmup = cfg.epochs * len(train_loader), round(cfg.warmup_epochs * len(train_loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_lr(step, total, warmup, cfg.lr, cfg.warmup_lr, cfg.min_lr) / max(cfg.lr, 1e-12)
-    )
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     mixup = (
         Mixup(
             mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=data.num_classes
@@ -150,12 +148,27 @@ def _parts(cfg: TrainConfig, rt: Runtime, data: Data, model: nn.Module) -> Parts
         else None
     )
     criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
-    ddp = (
-        DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-        if rt.distributed
-        else model
+    p = Parts(model, train_loader, eval_loader, criterion, mixup)
+    _start_phase(p, cfg, rt, phase)
+    return p
+
+
+def _start_phase(p: Parts, cfg: TrainConfig, rt: Runtime, phase: Phase) -> None:
+    """Optimizer (fresh unless pruning keeps it), the phase's fresh warm-up + cosine schedule, EMA and DDP."""
+    if phase.fresh_optimizer() or p.optimizer is None:
+        p.optimizer = make_optimizer(p.model, cfg.lr, cfg.weight_decay)
+    steps = len(p.train_loader)
+    total, warmup = phase.epochs * steps, round(cfg.warmup_epochs * steps) if phase.fresh_optimizer() else 0
+    p.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        p.optimizer,
+        lambda step: cosine_lr(step, total, warmup, cfg.lr, cfg.warmup_lr, cfg.min_lr) / max(cfg.lr, 1e-12),
     )
-    return Parts(model, ddp, optimizer, scheduler, ema, train_loader, eval_loader, criterion, mixup)
+    p.ema = ModelEmaV3(p.model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    p.ddp = (
+        DistributedDataParallel(p.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        if rt.distributed
+        else p.model
+    )
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -197,23 +210,26 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime) -> dict[str, flo
     return {"top1": 100.0 * correct / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
 
 
-def fit(p: Parts, cfg: TrainConfig, rt: Runtime, start_epoch: int = 0, history: list | None = None) -> list[dict]:
-    """Trains from ``start_epoch`` to ``cfg.epochs``; after each epoch evaluates, logs and checkpoints.
+def fit(
+    p: Parts, cfg: TrainConfig, rt: Runtime, phase: Phase, start_epoch: int, total: int, history: list[dict]
+) -> list[dict]:
+    """Trains ``phase`` from ``start_epoch`` to its end (of ``total`` epochs); after each epoch evaluates (at the
+    phase's end or every ``eval_every``), logs and checkpoints.
 
     Raises:
         DeltaTuneError: On a NaN/inf loss or gradient; the last checkpoint (the previous epoch's) is kept.
     """
-    history = list(history or [])
+    history = list(history)
     out = Path(cfg.output_dir)
     trainable = [q for q in p.model.parameters() if q.requires_grad]
     step = start_epoch * len(p.train_loader)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, phase.end):
         p.train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
         p.ddp.train()
         start, loss_sum, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(
             p.train_loader,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            desc=f"epoch {epoch + 1}/{total}",
             leave=False,
             dynamic_ncols=True,
             disable=not (cfg.progress and rt.is_main),
@@ -249,12 +265,13 @@ def fit(p: Parts, cfg: TrainConfig, rt: Runtime, start_epoch: int = 0, history: 
         loss_sum, seen = all_reduce_sum(rt, [loss_sum, float(seen)])
         record: dict[str, Any] = {
             "epoch": epoch + 1,
+            "phase": phase.index + 1,
             "train_loss": loss_sum / max(seen, 1),
             "lr": p.optimizer.param_groups[0]["lr"],
             "epoch_s": time.perf_counter() - start,
         }
         record["train_images_per_s"] = seen / record["epoch_s"]
-        last = epoch + 1 == cfg.epochs
+        last = epoch + 1 == phase.end
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             record.update({f"eval_{k}": v for k, v in evaluate(p.model, p.eval_loader, rt).items() if k != "n"})
             if p.ema is not None:
@@ -264,9 +281,9 @@ def fit(p: Parts, cfg: TrainConfig, rt: Runtime, start_epoch: int = 0, history: 
             with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             if cfg.progress:
-                tqdm.write(_epoch_line(record, cfg.epochs))
+                tqdm.write(_epoch_line(record, total))
         if cfg.checkpoint_every and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
-            _checkpoint(p, cfg, rt, history)
+            _checkpoint(p, cfg, rt, history, phase)
     return history
 
 
@@ -279,7 +296,7 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     return line + f"  ({r['epoch_s']:.1f} s)"
 
 
-def _checkpoint(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict]) -> None:
+def _checkpoint(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], phase: Phase) -> None:
     """Rank 0 writes every process's RNG state with the rest; the others wait so that no one runs ahead."""
     states: list[Any] = [None] * rt.world_size
     if rt.distributed:
@@ -287,7 +304,13 @@ def _checkpoint(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict]) ->
     else:
         states = [rng_state()]
     if rt.is_main:
-        info = {"epoch": history[-1]["epoch"], "history": history, "config": cfg.to_dict()}
+        info = {
+            "epoch": history[-1]["epoch"],
+            "phase": phase.index,
+            "adapter_sizes": adapter_sizes(p.model),
+            "history": history,
+            "config": cfg.to_dict(),
+        }
         save_state(
             Path(cfg.output_dir) / CHECKPOINT,
             p.model,
@@ -301,12 +324,19 @@ def _checkpoint(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict]) ->
         dist.barrier()
 
 
-def _resume(p: Parts, cfg: TrainConfig, rt: Runtime) -> tuple[int, list[dict]]:
+def _saved_info(cfg: TrainConfig, rt: Runtime) -> dict[str, Any] | None:
+    """The checkpoint's info (epoch, phase, adapter sizes, history) when resuming from one, else None."""
     path = Path(cfg.output_dir) / CHECKPOINT
     if not cfg.resume or not path.is_file():
         if cfg.resume and rt.is_main and cfg.progress:
             print(f"resume: no checkpoint at {path}; starting from epoch 1")
-        return 0, []
+        return None
+    return read_info(path)["info"]
+
+
+def _resume(p: Parts, cfg: TrainConfig, rt: Runtime) -> None:
+    """Loads the checkpoint into ``p`` (whose model already has the checkpoint's phase structure)."""
+    path = Path(cfg.output_dir) / CHECKPOINT
     info = load_state(path, p.model, p.optimizer, p.scheduler, p.ema.module if p.ema else None, rt.rank)
     changed = sorted(
         k
@@ -318,7 +348,35 @@ def _resume(p: Parts, cfg: TrainConfig, rt: Runtime) -> tuple[int, list[dict]]:
             f"resumed from {path} after epoch {info['epoch']}"
             + (f" (options changed since: {', '.join(changed)})" if changed else "")
         )
-    return info["epoch"], info["history"]
+
+
+def _next_phase(p: Parts, cfg: TrainConfig, rt: Runtime, phase: Phase) -> None:
+    """The transition into ``phase``: prune the adapters (MiMi) or apply the next stage; then its optimizer etc."""
+    if phase.prune is not None:
+        sizes = prune(p.model, p.ddp, cfg, phase, p.optimizer, lambda: _batches(p, cfg, rt), _loss(p, rt))
+        what = f"pruned to {sum(sizes.values()):,} adapter neurons ({sum(1 for v in sizes.values() if v)} adapters)"
+    else:
+        enter_stage(p.model, cfg, phase, rt.device)
+        what = f"stage {phase.stage + 1}: " + "+".join(c.name for c in cfg.stage_configs()[phase.stage])
+    _start_phase(p, cfg, rt, phase)
+    if rt.is_main and cfg.progress:
+        tqdm.write(f"phase {phase.index + 1}: {what}; {trainable_parameters(p.model):,} trainable parameters")
+
+
+def _batches(p: Parts, cfg: TrainConfig, rt: Runtime) -> Iterator[tuple[Any, Tensor]]:
+    """``cfg.prune_batches`` training batches on the device, mixed like in training (for pruning scores)."""
+    for inputs, targets in itertools.islice(p.train_loader, cfg.prune_batches):
+        inputs, targets = _to(inputs, rt.device), targets.to(rt.device)
+        yield p.mixup(inputs, targets) if p.mixup is not None else (inputs, targets)
+
+
+def _loss(p: Parts, rt: Runtime) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+    def loss(module: nn.Module, inputs: Any, targets: Tensor) -> Tensor:
+        with rt.autocast():
+            logits = forward(module, inputs)
+        return p.criterion(logits.float(), targets)
+
+    return loss
 
 
 def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
@@ -326,9 +384,17 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     data = data or _load(cfg)
     model = build_model(cfg, data.num_classes)
-    p = _parts(cfg, rt, data, model)
+    phases = plan(cfg, model)
+    total = phases[-1].end
+    saved = _saved_info(cfg, rt)
+    current = phases[saved["phase"]] if saved else phases[0]
+    if saved:
+        restore(model, cfg, current, saved)
+    p = _parts(cfg, rt, data, model, current)
     seed_all(cfg.seed + 1000 * rt.rank)  # augmentation and dropout differ between processes
-    start_epoch, history = _resume(p, cfg, rt)
+    if saved:
+        _resume(p, cfg, rt)
+    start_epoch, history = (saved["epoch"], saved["history"]) if saved else (0, [])
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -336,17 +402,25 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
         (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         if cfg.progress and not start_epoch:
             print(summary(model))
-    history = fit(p, cfg, rt, start_epoch, history)
+            if len(phases) > 1:
+                print(describe(phases, model, cfg))
+    for phase in phases[current.index :]:
+        if phase.index > current.index:
+            _next_phase(p, cfg, rt, phase)
+        if max(start_epoch, phase.start) < phase.end:
+            history = fit(p, cfg, rt, phase, max(start_epoch, phase.start), total, history)
     final = {k[5:]: v for k, v in history[-1].items() if k.startswith("eval_")} if history else {}
     if "top1" not in final:
         final = evaluate(p.model, p.eval_loader, rt)
+    names = [",".join(c.name for c in stage) for stage in cfg.stage_configs()]
     report: dict[str, Any] = {
-        "method": "+".join(c.name for c in cfg.method_configs()),
+        "method": " > ".join(names) if cfg.stages else "+".join(names),
         "model": cfg.model,
         "dataset": cfg.dataset,
         "top1": final["top1"],
         "eval_loss": final["loss"],
-        "epochs": cfg.epochs,
+        "epochs": total,
+        "phases": len(phases),
         "world_size": rt.world_size,
         "global_batch_size": cfg.batch_size * rt.world_size,
     }
@@ -358,6 +432,10 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     report["delta_bytes"] = save_delta(model, out / DELTA)
     if p.ema is not None:
         save_delta(p.ema.module, out / "delta_ema.safetensors")
+    if adapters(model) or adapter_sizes(model):
+        report["adapter_sizes"] = adapter_sizes(model)
+        report["adapter_sizes_original"] = adapter_sizes(model, original=True)
+        report["allocation_plot"] = str(plot_allocation(report, out / "allocation.png", cfg.model))
     batch = _to(next(iter(p.eval_loader))[0], rt.device)
     report.update(measure(model, batch, cfg.benchmark_seconds, rt.amp))
     report["wall_s"] = time.perf_counter() - wall

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import deltatune
 from deltatune import DeltaTuneError
 from deltatune.methods.adapter import Adapter
-from deltatune.pruning import adapters, neuron_scores
+from deltatune.pruning import activation_scores, adapter_sizes, adapters, neuron_scores, resize_adapters
 
 
 def test_mimi_score_matches_hand_computation() -> None:
@@ -168,3 +168,31 @@ def test_mimi_schedule() -> None:
         deltatune.MiMiConfig(rho=1.0)
     with pytest.raises(DeltaTuneError, match="unknown score"):
         deltatune.MiMiConfig(score="magnitude")
+    assert deltatune.MiMiConfig(phases=4).schedule(1000) == pytest.approx([0.5, 0.75, 0.875])  # rho derived: 0.5
+    with pytest.raises(DeltaTuneError, match="phases must be"):
+        deltatune.MiMiConfig(phases=0)
+
+
+def test_activation_score_is_the_mean_over_every_batch() -> None:
+    model = deltatune.apply(make_backbone("vit"), "adapter", hidden=4)
+    found = adapters(model)
+    a, b = make_input("vit"), 3 * make_input("vit")
+    both = activation_scores(found, lambda: (run(model, a), run(model, b)))
+    single = [activation_scores(found, lambda x=x: run(model, x)) for x in (a, b)]
+    for name, _ in found:  # equal batch shapes: the mean over both is the mean of the two means
+        torch.testing.assert_close(both[name], (single[0][name] + single[1][name]) / 2)
+
+
+def test_resize_adapters_restores_recorded_sizes_and_removals() -> None:
+    pruned = deltatune.apply(make_backbone("vit"), "adapter", hidden=4)
+    deltatune.prune_adapters(pruned, 0.8)
+    sizes = adapter_sizes(pruned)
+    assert 0 in sizes.values() and sum(sizes.values()) == round(0.2 * 4 * len(sizes))
+    fresh = deltatune.apply(make_backbone("vit"), "adapter", hidden=4)
+    resize_adapters(fresh, sizes)
+    assert adapter_sizes(fresh) == sizes and adapter_sizes(fresh, original=True) == dict.fromkeys(sizes, 4)
+    assert {k: v.shape for k, v in deltatune.delta_state_dict(fresh).items()} == {
+        k: v.shape for k, v in deltatune.delta_state_dict(pruned).items()
+    }
+    with pytest.raises(DeltaTuneError, match="cannot grow"):
+        resize_adapters(fresh, {next(n for n, v in sizes.items() if v): 5})

@@ -33,6 +33,8 @@ class MiMiConfig(AdapterConfig):
     """Stop when the adapters are as small as sigma would make them (kept fraction = sigma / target_sigma)."""
     target_params: int | None = None
     """Alternatively stop at this many adapter parameters (overrides target_sigma)."""
+    phases: int | None = None
+    """Training phases (prunings + 1); if set, rho is derived so the last pruning lands on the target."""
     score: str = "mimi"
     """Neuron score: mimi, l1, random, grad or activation (the paper's ablations)."""
     scope: str = "global"
@@ -48,6 +50,8 @@ class MiMiConfig(AdapterConfig):
             raise DeltaTuneError(f"mimi: unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
         if self.scope not in SCOPES:
             raise DeltaTuneError(f"mimi: unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
+        if self.phases is not None and self.phases < 1:
+            raise DeltaTuneError(f"mimi: phases must be >= 1, got {self.phases}")
         if self.target_sigma is not None and self.target_sigma < self.sigma:
             raise DeltaTuneError(f"mimi: target_sigma {self.target_sigma} is below the start sigma {self.sigma}")
 
@@ -60,8 +64,13 @@ class MiMiConfig(AdapterConfig):
         return self.sigma / (self.target_sigma or self.sigma)
 
     def schedule(self, start_params: int) -> list[float]:
-        """Cumulative pruned fractions after each phase: 1 - (1 - rho)^(t+1), the last one clipped to the target."""
+        """Cumulative pruned fractions after each phase but the last: 1 - (1 - rho)^(t+1), the last one clipped to
+        the target; with ``phases`` set, rho = 1 - keep^(1 / (phases - 1)) so that phase count is met exactly."""
         keep = self.keep_target(start_params)
+        if self.phases is not None:
+            if self.phases == 1 and keep < 1:
+                raise DeltaTuneError("mimi: phases=1 leaves no pruning; use phases >= 2 or target_sigma = sigma")
+            return [1 - keep ** ((t + 1) / (self.phases - 1)) for t in range(self.phases - 1)]
         phases = 0 if keep >= 1 else math.ceil(math.log(keep) / math.log(1 - self.rho) - 1e-9)
         amounts = [1 - (1 - self.rho) ** (t + 1) for t in range(phases)]
         if amounts:

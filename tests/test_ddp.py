@@ -25,11 +25,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> None:
-    # No dropout or augmentation: the only difference is who computes which half of each batch. LoRA, not SSF: the
-    # key part of SSF's qkv shift has an exactly-zero gradient (softmax ignores a shift shared by all keys), and
-    # Adam turns the float noise of that zero into steps of size lr, so those entries differ by run, not by bug.
-    common = {"method": "lora", "epochs": 2, "lr": 5e-3, "threads": 1, "grad_clip": 1.0}
+# No dropout or augmentation: the only difference is who computes which half of each batch. LoRA, not SSF: the
+# key part of SSF's qkv shift has an exactly-zero gradient (softmax ignores a shift shared by all keys), and
+# Adam turns the float noise of that zero into steps of size lr, so those entries differ by run, not by bug.
+# MiMi with the activation score: every process must rank the neurons on the activations of all processes.
+RUNS = {
+    "lora": {"method": "lora", "epochs": 2},
+    "mimi-activation": {"method": "mimi", "epochs": 1, "target_sigma": 16, "prune_score": "activation"},
+}
+
+
+@pytest.mark.parametrize("run", RUNS.values(), ids=RUNS.keys())
+def test_two_processes_match_one_with_the_same_global_batch(run: dict, tmp_path: Path) -> None:
+    common = {**run, "lr": 5e-3, "threads": 1, "grad_clip": 1.0}
     single = train(tiny_config(tmp_path / "one", batch_size=16, **common))
     cfg = tiny_config(tmp_path / "two", batch_size=8, **common)
     cmd = [
@@ -59,7 +67,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> N
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-5, worst
     init = delta_state_dict(build_model(TrainConfig.from_dict(cfg), 4))
-    assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3  # training really moved them
+    same_shape = [k for k in one if one[k].shape == init[k].shape]  # (pruning shrinks adapters)
+    assert max((one[k] - init[k]).abs().max().item() for k in same_shape) > 1e-3  # training really moved them
     assert abs(report["top1"] - single["top1"]) <= 100 / 128  # at most one of the 128 eval images flips
     losses = [[h["train_loss"] for h in r["history"]] for r in (report, single)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert report.get("adapter_sizes") == single.get("adapter_sizes")

@@ -9,6 +9,7 @@ optimizer, carries its state over to the surviving neurons.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +45,8 @@ def neuron_scores(adapter: Adapter, score: str, activations: Tensor | None = Non
             raise DeltaTuneError("prune_adapters: score='activation' needs inputs=... to measure activations")
         return activations
     if score == "random":
-        g = torch.Generator().manual_seed(seed + adapter.original_hidden * 7919 + len(adapter.site))
+        # Independent per adapter and per call (sizes differ after each pruning), reproducible by seed.
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{adapter.site}/{adapter.hidden}".encode()))
         return torch.rand(adapter.hidden, generator=g)
     raise DeltaTuneError(f"prune_adapters: unknown score {score!r}; choose one of {', '.join(SCORES)}")
 

@@ -196,3 +196,10 @@ def test_resize_adapters_restores_recorded_sizes_and_removals() -> None:
     }
     with pytest.raises(DeltaTuneError, match="cannot grow"):
         resize_adapters(fresh, {next(n for n, v in sizes.items() if v): 5})
+
+
+def test_random_score_differs_between_adapters_of_the_same_shape() -> None:
+    model = deltatune.apply(make_backbone("vit"), "adapter", hidden=16)
+    scores = [neuron_scores(a, "random", seed=3) for _, a in adapters(model)]
+    assert len(scores) >= 4 and all(not torch.equal(scores[0], s) for s in scores[1:])
+    assert torch.equal(scores[1], neuron_scores(adapters(model)[1][1], "random", seed=3))  # reproducible

@@ -53,18 +53,18 @@ class TrainConfig:
     """Sequential stages instead of --method: "prompt,bitfit,adapter" trains each method in turn for --epochs
     epochs while the earlier stages' deltas stay frozen ("bitfit+adapter" trains two together in one stage)."""
     rho: float | None = None
-    """mimi: fraction of the remaining adapter neurons pruned after each phase (default 0.5)."""
+    """mimi: fraction of the remaining adapter neurons pruned after each phase; none: the method's (0.5)."""
     phases: int | None = None
-    """mimi: training phases, each --epochs long, with a pruning after all but the last (default: as many as rho
-    needs to reach the target; if set, rho is derived from it)."""
+    """mimi: training phases, each --epochs long, with a pruning after all but the last; none: as many as rho
+    needs to reach the target (if set, rho is derived from it)."""
     target_sigma: float | None = None
-    """mimi: prune until the adapters are as small as this sigma makes them (default 32)."""
+    """mimi: prune until the adapters are as small as this sigma makes them; none: the method's (32)."""
     target_params: int | None = None
     """mimi: prune until the adapters hold this many parameters (instead of --target-sigma)."""
     prune_score: str | None = None
-    """mimi: neuron score, mimi (default), l1, random, grad or activation (the paper's ablations)."""
+    """mimi: neuron score, mimi, l1, random, grad or activation (the paper's ablations); none: mimi."""
     prune_scope: str | None = None
-    """mimi: global (one ranking over all adapters, default) or local (the same fraction in each adapter)."""
+    """mimi: global (one ranking over all adapters) or local (the same fraction in each adapter); none: global."""
     prune_batches: int = 8
     """mimi: training batches whose gradients (score grad) or activations (score activation) rank the neurons."""
 

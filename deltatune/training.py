@@ -387,7 +387,13 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     phases = plan(cfg, model)
     total = phases[-1].end
     saved = _saved_info(cfg, rt)
-    current = phases[saved["phase"]] if saved else phases[0]
+    index = saved.get("phase", 0) if saved else 0
+    if index >= len(phases):
+        raise DeltaTuneError(
+            f"the checkpoint in {cfg.output_dir!r} is from phase {index + 1}, but this run has {len(phases)} phase(s):"
+            " resume with the options it was started with (see its config.yaml), or drop --resume"
+        )
+    current = phases[index]
     if saved:
         restore(model, cfg, current, saved)
     p = _parts(cfg, rt, data, model, current)

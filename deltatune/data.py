@@ -1,4 +1,5 @@
-"""Datasets by name (torchvision, ImageFolder, VTAB-1k, FGVC, offline tasks, text), timm transforms and loaders.
+"""Datasets by name (torchvision, ImageFolder, VTAB-1k, FGVC, offline image and text tasks, text folders), timm
+transforms and loaders.
 
 Every mistake in the data (unknown name, missing split, empty class folder, unreadable image, malformed list
 file) raises a ``DeltaTuneError`` that names the file and the fix.
@@ -122,6 +123,8 @@ def load_data(
     if key in TORCHVISION:
         return _torchvision(key, data_dir, train_split, eval_split, download)
     kind, _, arg = key.partition(":")
+    if _is_offline_text_task(key):
+        return _offline_text(arg or key, seed, **text_options)
     if kind == "offline" or _is_offline_task(key):
         return _offline(arg or key, seed, image_size or 32)
     if kind == "synthetic":
@@ -142,12 +145,24 @@ def load_data(
     )
 
 
+def is_text_dataset(name: str) -> bool:
+    """Whether the dataset ``name`` is text (a text folder or an offline text task): it needs a text model."""
+    return name.lower() == "text" or _is_offline_text_task(name.lower())
+
+
 def _is_offline_task(name: str) -> bool:
     try:
         from deltatune.offline.tasks import TASKS
     except ImportError:
         return False
     return name in TASKS
+
+
+def _is_offline_text_task(name: str) -> bool:
+    from deltatune.offline.text_tasks import TEXT_TASKS
+
+    kind, _, arg = name.partition(":")
+    return (arg if kind == "offline" else name) in TEXT_TASKS
 
 
 def _torchvision(key: str, root: str, train_split: str | None, eval_split: str | None, download: bool) -> Data:
@@ -179,6 +194,15 @@ def _offline(task: str, seed: int, image_size: int) -> Data:
 
     train, test, num_classes = make_task(task, seed=seed, image_size=image_size)
     return Data(train, test, num_classes)
+
+
+def _offline_text(task: str, seed: int, tokenizer: str | None = None, max_length: int = 128) -> Data:
+    from deltatune.offline.text_tasks import make_text_task
+    from deltatune.text_data import load_tokenizer, text_data
+
+    tok = load_tokenizer(tokenizer)
+    train, test, _ = make_text_task(task, seed)
+    return text_data(train, test, tok, max_length)
 
 
 def _synthetic(seed: int, size: int, n_train: int = 256, n_eval: int = 128) -> Data:

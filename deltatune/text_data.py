@@ -68,20 +68,21 @@ def load_text(
     max_length: int = 128,
 ) -> Any:
     """Reads, label-maps and tokenises a text-classification folder; returns a ``deltatune.data.Data``."""
-    from deltatune.data import Data
-
-    if tokenizer is None:
-        raise DeltaTuneError("text data needs a tokenizer: pass --tokenizer PATH (or use an hf: model)")
-    try:
-        from transformers import AutoTokenizer, DataCollatorWithPadding
-    except ImportError as e:
-        raise DeltaTuneError("text data needs transformers: pip install 'deltatune[text]'") from e
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer)
-    except (OSError, ValueError) as e:
-        raise DeltaTuneError(f"cannot load the tokenizer {tokenizer!r}: {e}") from e
+    tok = load_tokenizer(tokenizer)
     train_rows = read_rows(_find(root, (train_split,) if train_split else ("train",)))
     eval_rows = read_rows(_find(root, (eval_split,) if eval_split else ("test", "val", "validation")))
+    return text_data(train_rows, eval_rows, tok, max_length)
+
+
+def text_data(
+    train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]], tok: Any, max_length: int = 128
+) -> Any:
+    """Label-maps rows of ``text`` (optionally ``text_pair``) and ``label`` and tokenises them with ``tok``; returns
+    a ``deltatune.data.Data``."""
+    from transformers import DataCollatorWithPadding
+
+    from deltatune.data import Data
+
     raw = [r["label"] for r in train_rows + eval_rows]
     if all(isinstance(v, int) or str(v).lstrip("-").isdigit() for v in raw):
         ids = {v: int(v) for v in raw}
@@ -102,3 +103,21 @@ def load_text(
 
     num_classes = 1 + max(ids.values())
     return Data(encode(train_rows), encode(eval_rows), num_classes, collate=collate, is_text=True)
+
+
+def load_tokenizer(name: str | None) -> Any:
+    """The transformers tokenizer at a local path or hub name, ``hf:`` optional (all-MiniLM-L6-v2: the minilm
+    extra's copy)."""
+    from deltatune.backbones import hf_name, missing_hint
+
+    if name is None:
+        raise DeltaTuneError("text data needs a tokenizer: pass --tokenizer PATH (or use an hf: model)")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise DeltaTuneError("text data needs transformers: pip install 'deltatune[text]'") from e
+    path = hf_name(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise DeltaTuneError(f"cannot load the tokenizer {path!r}: {str(e).rstrip('. ')}.{missing_hint(path)}") from e

@@ -72,7 +72,8 @@ class TrainConfig:
     dataset: str = "offline:digits"
     """Dataset: a torchvision name (cifar100, flowers102, svhn, ...), offline:TASK (bundled, no download),
     folder (ImageFolder train/ + val/ or test/), vtab[:TASK] (VTAB-1k lists), fgvc[:NAME] (VPT json splits),
-    text (train/test .csv or .jsonl with text,label) or synthetic (tiny generated images, for smoke tests)."""
+    text (train/test .csv or .jsonl with text,label), offline:topics / offline:topics-mixed (bundled text tasks, for
+    hf: models) or synthetic (tiny generated images, for smoke tests)."""
     data_dir: str = "data"
     """Where the dataset lives (or is downloaded to)."""
     download: bool = True

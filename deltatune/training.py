@@ -35,7 +35,7 @@ from tqdm import tqdm
 from deltatune.backbones import create_backbone, data_config, forward, hf_name, is_text_model
 from deltatune.checkpoint import save_delta
 from deltatune.core import apply, summary, trainable_parameters
-from deltatune.data import Data, load_data, make_loader, make_transform, subsample, with_transforms
+from deltatune.data import Data, is_text_dataset, load_data, make_loader, make_transform, subsample, with_transforms
 from deltatune.distributed import Runtime, all_reduce_sum, runtime
 from deltatune.errors import DeltaTuneError
 from deltatune.phases import Phase, describe, enter_stage, plan, prune, restore
@@ -101,10 +101,10 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 def _load(cfg: TrainConfig) -> Data:
     """The config's raw datasets (text ones tokenised with the model's tokenizer unless --tokenizer says otherwise)."""
     text = is_text_model(cfg.model)
-    if text != (cfg.dataset == "text"):
+    if text != is_text_dataset(cfg.dataset):
         raise DeltaTuneError(
             f"model {cfg.model!r} and dataset {cfg.dataset!r} do not go together: text models "
-            "(hf:...) train on --dataset text, image models on image datasets"
+            "(hf:...) train on --dataset text or offline:topics / offline:topics-mixed, image models on image datasets"
         )
     options = {"tokenizer": cfg.tokenizer or hf_name(cfg.model), "max_length": cfg.max_length} if text else {}
     return load_data(

@@ -10,6 +10,7 @@ Under ``torchrun --nproc_per_node N`` the same call trains with DistributedDataP
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -34,10 +35,11 @@ from tqdm import tqdm
 
 from deltatune.backbones import create_backbone, data_config, forward, hf_name, is_text_model
 from deltatune.checkpoint import save_delta
-from deltatune.core import apply, summary, trainable_parameters
+from deltatune.core import apply, state_of, summary, trainable_parameters
 from deltatune.data import Data, is_text_dataset, load_data, make_loader, make_transform, subsample, with_transforms
 from deltatune.distributed import Runtime, all_reduce_sum, runtime
 from deltatune.errors import DeltaTuneError
+from deltatune.methods.prefix import fold_prefixes
 from deltatune.phases import Phase, describe, enter_stage, plan, prune, restore
 from deltatune.pruning import adapter_sizes, adapters
 from deltatune.report import format_table, measure, plot_allocation
@@ -379,6 +381,13 @@ def _loss(p: Parts, rt: Runtime) -> Callable[[nn.Module, Any, Tensor], Tensor]:
     return loss
 
 
+def _stored(model: nn.Module) -> nn.Module:
+    """What the final delta file holds: the model, with a prefix's training-time MLP folded away (on a copy)."""
+    if any(e.config.name == "prefix" for e in state_of(model).entries):  # type: ignore[union-attr]
+        return fold_prefixes(copy.deepcopy(model))
+    return model
+
+
 def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     wall = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -435,9 +444,9 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     if not rt.is_main:
         return report
     report["delta_path"] = str(out / DELTA)
-    report["delta_bytes"] = save_delta(model, out / DELTA)
+    report["delta_bytes"] = save_delta(_stored(model), out / DELTA)
     if p.ema is not None:
-        save_delta(p.ema.module, out / "delta_ema.safetensors")
+        save_delta(_stored(p.ema.module), out / "delta_ema.safetensors")
     if adapters(model) or adapter_sizes(model):
         report["adapter_sizes"] = adapter_sizes(model)
         report["adapter_sizes_original"] = adapter_sizes(model, original=True)

@@ -15,11 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_backbone, make_input, perturb_deltas, rel_err, run
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import deltatune
 from deltatune.core import delta_modules
+from deltatune.methods.prefix import fold_prefixes
 
 # Architecture of the tiny backbones in conftest.py (the closed forms below are written in these numbers).
 VIT = dict(d=64, depth=6, mlp=192)  # test_vit: embed 64, 6 blocks, mlp_ratio 3, qkv bias
@@ -332,6 +334,25 @@ def test_prefix_attention_equals_reference_and_merge_folds_the_mlp(kind: str) ->
     width = VIT["d"] if kind == "vit" else BERT["d"]
     folded = sum(p.numel() for n, p in model.named_parameters() if "prefix" in n)
     assert folded == layers * 2 * 6 * width < before_params
+
+
+@pytest.mark.parametrize("kind", ["vit", "bert"])
+def test_folded_prefix_delta_file_stores_only_the_prefixes_and_reloads_exactly(kind: str, tmp_path) -> None:
+    model = deltatune.apply(make_backbone(kind), "prefix")
+    perturb_deltas(model)
+    xin = make_input(kind)
+    with torch.no_grad():
+        before = run(model, xin)
+    fold_prefixes(model)
+    deltatune.save_delta(model, tmp_path / "prefix.safetensors")
+    layers = VIT["depth"] if kind == "vit" else BERT["layers"]
+    width = VIT["d"] if kind == "vit" else BERT["d"]
+    stored = load_file(tmp_path / "prefix.safetensors")
+    prefixes = {k: v.shape for k, v in stored.items() if "prefix" in k}
+    assert len(prefixes) == layers and set(prefixes.values()) == {(2, 6, width)}
+    fresh = deltatune.load_delta(make_backbone(kind), tmp_path / "prefix.safetensors")
+    with torch.no_grad():
+        assert rel_err(run(fresh, xin), before) <= 1e-5
 
 
 def test_adaptformer_is_a_scaled_parallel_branch() -> None:

@@ -221,3 +221,16 @@ def test_local_checkpoint_loads_without_unpickling_objects(tmp_path: Path) -> No
         create_backbone("test_vit", 4, checkpoint=str(tmp_path / "missing.pth"))
     with pytest.raises(deltatune.DeltaTuneError, match="unknown timm model 'vit_nonexistent'"):
         create_backbone("vit_nonexistent", 4)
+
+
+def test_prefix_run_stores_the_folded_prefixes_not_the_training_mlp(tmp_path: Path) -> None:
+    report = train(tiny_config(tmp_path, method="prefix", epochs=1, threads=1, ema_decay=0.9))
+    for name in ("delta.safetensors", "delta_ema.safetensors"):
+        tensors = load_file(tmp_path / name)
+        prefix = [v.shape for k, v in tensors.items() if not k.startswith("head.")]
+        assert prefix and set(prefix) == {(2, 6, 64)}, name  # test_vit: one (2, p, d) per block, no MLP
+    stored = sum(v.numel() for v in load_file(tmp_path / "delta.safetensors").values())
+    assert stored < report["trainable_params"] / 10  # the MLP (6 x 512 + 512 x 512 + ...) trains but is not kept
+    fresh = _plain_test_vit()
+    deltatune.load_delta(fresh, report["delta_path"])
+    assert deltatune.trainable_parameters(fresh) == stored

@@ -21,6 +21,7 @@ applied before ``prefix`` (in an earlier stage or earlier in the same list).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -193,3 +194,17 @@ class PrefixAttention(nn.Module):
             del self.prefix_mlp
             self.prefix_kv = nn.Parameter(kv.contiguous(), requires_grad=False)
         return None
+
+
+def fold_prefixes(model: nn.Module) -> nn.Module:
+    """Folds a trained model's reparameterising MLP into each layer's prefixes, in place (outputs unchanged), and
+    records ``reparameterize=False``: a delta file then stores p x 2d per layer instead of the MLP."""
+    from deltatune.core import delta_modules, state_of
+
+    for _, module in delta_modules(model):
+        if isinstance(module, PrefixAttention):
+            module.merge()
+    for entry in state_of(model).entries if state_of(model) else []:
+        if isinstance(entry.config, PrefixConfig) and entry.config.reparameterize:
+            entry.config = dataclasses.replace(entry.config, reparameterize=False)
+    return model

@@ -281,12 +281,7 @@ def _check_files(samples: list[tuple[str, int]], listed_in: Path) -> None:
 
 
 def _vtab(root: Path, train_split: str | None, eval_split: str | None) -> Data:
-    splits = (train_split or "train800val200", eval_split or "test")
-    for split in splits:
-        if split not in VTAB_SPLITS:
-            raise DeltaTuneError(f"VTAB-1k split {split!r} unknown; use one of {', '.join(VTAB_SPLITS)}")
-    train, test = (_read_list(root, s) for s in splits)
-    return Data(ListImages(train), ListImages(test), 1 + max(y for _, y in train + test))
+    return _listed("VTAB-1k", VTAB_SPLITS, (train_split or "train800val200", eval_split or "test"), root, _read_list)
 
 
 def _read_json(root: Path, split: str) -> list[tuple[str, int]]:
@@ -313,11 +308,15 @@ def _read_json(root: Path, split: str) -> list[tuple[str, int]]:
 
 
 def _fgvc(root: Path, train_split: str | None, eval_split: str | None) -> Data:
-    splits = (train_split or "trainval", eval_split or "test")
+    return _listed("FGVC", FGVC_SPLITS, (train_split or "trainval", eval_split or "test"), root, _read_json)
+
+
+def _listed(kind: str, known: tuple[str, ...], splits: tuple[str, str], root: Path, read: Callable) -> Data:
+    """Train and eval splits read from split files by ``read(root, split)``; unknown split names are refused."""
     for split in splits:
-        if split not in FGVC_SPLITS:
-            raise DeltaTuneError(f"FGVC split {split!r} unknown; use one of {', '.join(FGVC_SPLITS)}")
-    train, test = (_read_json(root, s) for s in splits)
+        if split not in known:
+            raise DeltaTuneError(f"{kind} split {split!r} unknown; use one of {', '.join(known)}")
+    train, test = (read(root, s) for s in splits)
     return Data(ListImages(train), ListImages(test), 1 + max(y for _, y in train + test))
 
 

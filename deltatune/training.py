@@ -388,6 +388,48 @@ def _stored(model: nn.Module) -> nn.Module:
     return model
 
 
+def _report(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], phases: list[Phase]) -> dict[str, Any]:
+    """The run's accuracy and setting, the same on every process (rank 0 then adds files and costs)."""
+    final = {k[5:]: v for k, v in history[-1].items() if k.startswith("eval_")} if history else {}
+    if "top1" not in final:
+        final = evaluate(p.model, p.eval_loader, rt)
+    names = [",".join(c.name for c in stage) for stage in cfg.stage_configs()]
+    report: dict[str, Any] = {
+        "method": " > ".join(names) if cfg.stages else "+".join(names),
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "top1": final["top1"],
+        "eval_loss": final["loss"],
+        "epochs": phases[-1].end,
+        "phases": len(phases),
+        "world_size": rt.world_size,
+        "global_batch_size": cfg.batch_size * rt.world_size,
+    }
+    if p.ema is not None:
+        report["ema_top1"] = history[-1].get("ema_top1") or evaluate(p.ema.module, p.eval_loader, rt)["top1"]
+    return report
+
+
+def _write_outputs(p: Parts, cfg: TrainConfig, rt: Runtime, report: dict, history: list[dict], wall: float) -> None:
+    """Rank 0: the delta files, adapter sizes and allocation plot, parameter counts, GFLOPs, images/s, report.json."""
+    out, model = Path(cfg.output_dir), p.model
+    report["delta_path"] = str(out / DELTA)
+    report["delta_bytes"] = save_delta(_stored(model), out / DELTA)
+    if p.ema is not None:
+        save_delta(_stored(p.ema.module), out / "delta_ema.safetensors")
+    if adapters(model) or adapter_sizes(model):
+        report["adapter_sizes"] = adapter_sizes(model)
+        report["adapter_sizes_original"] = adapter_sizes(model, original=True)
+        report["allocation_plot"] = str(plot_allocation(report, out / "allocation.png", cfg.model))
+    batch = _to(next(iter(p.eval_loader))[0], rt.device)
+    report.update(measure(model, batch, cfg.benchmark_seconds, rt.amp))
+    report["wall_s"] = time.perf_counter() - wall
+    report["history"] = history
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if cfg.progress:
+        print(format_table([report]))
+
+
 def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     wall = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -424,38 +466,7 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
             _next_phase(p, cfg, rt, phase)
         if max(start_epoch, phase.start) < phase.end:
             history = fit(p, cfg, rt, phase, max(start_epoch, phase.start), total, history)
-    final = {k[5:]: v for k, v in history[-1].items() if k.startswith("eval_")} if history else {}
-    if "top1" not in final:
-        final = evaluate(p.model, p.eval_loader, rt)
-    names = [",".join(c.name for c in stage) for stage in cfg.stage_configs()]
-    report: dict[str, Any] = {
-        "method": " > ".join(names) if cfg.stages else "+".join(names),
-        "model": cfg.model,
-        "dataset": cfg.dataset,
-        "top1": final["top1"],
-        "eval_loss": final["loss"],
-        "epochs": total,
-        "phases": len(phases),
-        "world_size": rt.world_size,
-        "global_batch_size": cfg.batch_size * rt.world_size,
-    }
-    if p.ema is not None:
-        report["ema_top1"] = history[-1].get("ema_top1") or evaluate(p.ema.module, p.eval_loader, rt)["top1"]
-    if not rt.is_main:
-        return report
-    report["delta_path"] = str(out / DELTA)
-    report["delta_bytes"] = save_delta(_stored(model), out / DELTA)
-    if p.ema is not None:
-        save_delta(_stored(p.ema.module), out / "delta_ema.safetensors")
-    if adapters(model) or adapter_sizes(model):
-        report["adapter_sizes"] = adapter_sizes(model)
-        report["adapter_sizes_original"] = adapter_sizes(model, original=True)
-        report["allocation_plot"] = str(plot_allocation(report, out / "allocation.png", cfg.model))
-    batch = _to(next(iter(p.eval_loader))[0], rt.device)
-    report.update(measure(model, batch, cfg.benchmark_seconds, rt.amp))
-    report["wall_s"] = time.perf_counter() - wall
-    report["history"] = history
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    if cfg.progress:
-        print(format_table([report]))
+    report = _report(p, cfg, rt, history, phases)
+    if rt.is_main:
+        _write_outputs(p, cfg, rt, report, history, wall)
     return report

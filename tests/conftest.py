@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from timm.models.mlp_mixer import MlpMixer
+from tiny_run import tiny_bert_config
 from torch import nn
 
 torch.set_num_threads(2)
@@ -32,18 +33,9 @@ def _mixer() -> nn.Module:
 
 
 def _bert() -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    cfg = BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        num_labels=3,
-        max_position_embeddings=64,
-    )
-    return BertForSequenceClassification(cfg)
+    return BertForSequenceClassification(tiny_bert_config(vocab_size=99, num_labels=3))
 
 
 BUILDERS: dict[str, Callable[[], nn.Module]] = {

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tiny_run import tiny_config
+from tiny_run import save_word_bert, tiny_config
 
 from deltatune.backbones import MINILM_HUB, create_backbone, hf_name
 from deltatune.data import is_text_dataset, load_data
@@ -105,25 +105,10 @@ def test_alias_without_the_package_names_the_fix(monkeypatch: pytest.MonkeyPatch
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random BERT of conftest.py (6 labels) with a word-level tokenizer covering the tasks' words."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
+    """The tests' tiny random BERT (6 labels) with a word-level tokenizer covering the tasks' words."""
     root = tmp_path_factory.mktemp("topics_bert")
     words = {w for t in TEMPLATES for w in re.findall(r"[a-z]+|[,.]", re.sub(r"\{[abc]\}", "", t))} | set(TOPIC_OF)
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
-    BertTokenizerFast(str(root / "vocab.txt")).save_pretrained(root)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(words) + 5,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        num_labels=6,
-    )
-    BertForSequenceClassification(config).save_pretrained(root)
+    save_word_bert(root, sorted(words), num_labels=6)
     return root
 
 

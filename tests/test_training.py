@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
-from tiny_run import tiny_config
+from tiny_run import save_word_bert, tiny_config
 
 import deltatune
 from deltatune.data import Data, TensorImages, load_data
@@ -142,25 +142,10 @@ def _pretrain_tiny_bert(model: torch.nn.Module, good: int, bad: int, vocab: int,
 def text_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny BERT (briefly pretrained, then given a fresh 2-class head) with a word-level tokenizer saved to disk,
     and a keyword task: label 'pos' iff 'good' occurs in the sentence."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
     root = tmp_path_factory.mktemp("text")
     words = ["good", "bad", "movie", "plot", "actor", "scene", "long", "short", "film", "music", "the", "a"]
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = BertTokenizerFast(str(root / "vocab.txt"))  # positional: vocab_file (v4) or vocab (v5)
     model_dir = root / "bert"
-    tokenizer.save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(words) + 5,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    model = BertForSequenceClassification(config)
+    model = save_word_bert(model_dir, words, num_labels=3, max_positions=32)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster, and much faster on a busy machine
     _pretrain_tiny_bert(model, good=5, bad=6, vocab=len(words) + 5)

@@ -28,3 +28,32 @@ def tiny_config(out: str | Path, **overrides: Any) -> dict[str, Any]:
     }
     cfg.update(overrides)
     return cfg
+
+
+def tiny_bert_config(vocab_size: int, num_labels: int, max_positions: int = 64) -> Any:
+    """The tests' tiny BERT: 2 layers, width 32, 2 heads, MLP 37 (odd on purpose: no width is a multiple of another)."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=num_labels,
+        max_position_embeddings=max_positions,
+    )
+
+
+def save_word_bert(model_dir: Path, words: list[str], num_labels: int, max_positions: int = 64) -> Any:
+    """Saves a word-level tokenizer over ``words`` and a seeded random tiny BERT to ``model_dir``; returns the model."""
+    import torch
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(str(model_dir / "vocab.txt")).save_pretrained(model_dir)  # positional: v4 and v5 name it apart
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(len(words) + 5, num_labels, max_positions))
+    model.save_pretrained(model_dir)
+    return model

@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from deltatune.core import delta_state_dict
+from deltatune.distributed import Runtime
 from deltatune.errors import DeltaTuneError
 
 FORMAT = "deltatune-train-state"
@@ -178,3 +180,57 @@ def rng_state() -> dict[str, Any]:
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
+
+
+def write_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: nn.Module | None,
+    info: dict[str, Any],
+    rt: Runtime,
+) -> None:
+    """``save_state`` for a run on ``rt``: rank 0 writes every process's RNG state with the rest; the others wait
+    so that no one runs ahead."""
+    states: list[Any] = [None] * rt.world_size
+    if rt.distributed:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if rt.is_main:
+        save_state(path, model, optimizer, scheduler, ema, info, states)
+    if rt.distributed:
+        dist.barrier()
+
+
+def saved_info(path: Path, resume: bool, announce: bool) -> dict[str, Any] | None:
+    """The info (epoch, phase, adapter sizes, history) of the checkpoint to resume from; None without --resume
+    or without a checkpoint yet (``announce``: say so)."""
+    if not resume or not path.is_file():
+        if resume and announce:
+            print(f"resume: no checkpoint at {path}; starting from epoch 1")
+        return None
+    return read_info(path)["info"]
+
+
+def resume_state(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: nn.Module | None,
+    rt: Runtime,
+    config: dict[str, Any],
+    announce: bool,
+) -> None:
+    """``load_state`` into a model that already has the checkpoint's structure; ``announce``: say which options
+    differ from the checkpoint's ``config``."""
+    info = load_state(path, model, optimizer, scheduler, ema, rt.rank)
+    ignored = ("resume", "progress", "num_workers", "threads")
+    changed = sorted(k for k, v in info["config"].items() if config.get(k) != v and k not in ignored)
+    if announce:
+        print(
+            f"resumed from {path} after epoch {info['epoch']}"
+            + (f" (options changed since: {', '.join(changed)})" if changed else "")
+        )

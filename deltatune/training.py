@@ -10,7 +10,6 @@ Under ``torchrun --nproc_per_node N`` the same call trains with DistributedDataP
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -22,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -35,16 +33,16 @@ from tqdm import tqdm
 
 from deltatune.backbones import create_backbone, data_config, forward, hf_name, is_text_model
 from deltatune.checkpoint import save_delta
-from deltatune.core import apply, state_of, summary, trainable_parameters
+from deltatune.core import apply, summary, trainable_parameters
 from deltatune.data import Data, is_text_dataset, load_data, make_loader, make_transform, subsample, with_transforms
 from deltatune.distributed import Runtime, all_reduce_sum, runtime
 from deltatune.errors import DeltaTuneError
-from deltatune.methods.prefix import fold_prefixes
+from deltatune.methods.prefix import stored_form
 from deltatune.phases import Phase, describe, enter_stage, plan, prune, restore
-from deltatune.pruning import adapter_sizes, adapters
+from deltatune.pruning import adapter_sizes
 from deltatune.report import format_table, measure, plot_allocation
 from deltatune.train_config import TrainConfig
-from deltatune.train_state import load_state, read_info, rng_state, save_state
+from deltatune.train_state import resume_state, saved_info, write_checkpoint
 
 __all__ = ["TrainConfig", "build_model", "cosine_lr", "evaluate", "fit", "make_optimizer", "train"]
 CHECKPOINT = "checkpoint.safetensors"
@@ -299,57 +297,20 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
 
 
 def _checkpoint(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], phase: Phase) -> None:
-    """Rank 0 writes every process's RNG state with the rest; the others wait so that no one runs ahead."""
-    states: list[Any] = [None] * rt.world_size
-    if rt.distributed:
-        dist.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
-    if rt.is_main:
-        info = {
-            "epoch": history[-1]["epoch"],
-            "phase": phase.index,
-            "adapter_sizes": adapter_sizes(p.model),
-            "history": history,
-            "config": cfg.to_dict(),
-        }
-        save_state(
-            Path(cfg.output_dir) / CHECKPOINT,
-            p.model,
-            p.optimizer,
-            p.scheduler,
-            p.ema.module if p.ema else None,
-            info,
-            states,
-        )
-    if rt.distributed:
-        dist.barrier()
+    """The resumable checkpoint after an epoch, with what rebuilds its structure (phase, adapter sizes)."""
+    info = {
+        "epoch": history[-1]["epoch"],
+        "phase": phase.index,
+        "adapter_sizes": adapter_sizes(p.model),
+        "history": history,
+        "config": cfg.to_dict(),
+    }
+    write_checkpoint(Path(cfg.output_dir) / CHECKPOINT, *_state(p), info, rt)
 
 
-def _saved_info(cfg: TrainConfig, rt: Runtime) -> dict[str, Any] | None:
-    """The checkpoint's info (epoch, phase, adapter sizes, history) when resuming from one, else None."""
-    path = Path(cfg.output_dir) / CHECKPOINT
-    if not cfg.resume or not path.is_file():
-        if cfg.resume and rt.is_main and cfg.progress:
-            print(f"resume: no checkpoint at {path}; starting from epoch 1")
-        return None
-    return read_info(path)["info"]
-
-
-def _resume(p: Parts, cfg: TrainConfig, rt: Runtime) -> None:
-    """Loads the checkpoint into ``p`` (whose model already has the checkpoint's phase structure)."""
-    path = Path(cfg.output_dir) / CHECKPOINT
-    info = load_state(path, p.model, p.optimizer, p.scheduler, p.ema.module if p.ema else None, rt.rank)
-    changed = sorted(
-        k
-        for k, v in info["config"].items()
-        if cfg.to_dict().get(k) != v and k not in ("resume", "progress", "num_workers", "threads")
-    )
-    if rt.is_main and cfg.progress:
-        print(
-            f"resumed from {path} after epoch {info['epoch']}"
-            + (f" (options changed since: {', '.join(changed)})" if changed else "")
-        )
+def _state(p: Parts) -> tuple[nn.Module, Any, Any, nn.Module | None]:
+    """What a checkpoint holds: model, optimizer, schedule and the EMA copy."""
+    return p.model, p.optimizer, p.scheduler, p.ema.module if p.ema else None
 
 
 def _next_phase(p: Parts, cfg: TrainConfig, rt: Runtime, phase: Phase) -> None:
@@ -381,13 +342,6 @@ def _loss(p: Parts, rt: Runtime) -> Callable[[nn.Module, Any, Tensor], Tensor]:
     return loss
 
 
-def _stored(model: nn.Module) -> nn.Module:
-    """What the final delta file holds: the model, with a prefix's training-time MLP folded away (on a copy)."""
-    if any(e.config.name == "prefix" for e in state_of(model).entries):  # type: ignore[union-attr]
-        return fold_prefixes(copy.deepcopy(model))
-    return model
-
-
 def _report(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], phases: list[Phase]) -> dict[str, Any]:
     """The run's accuracy and setting, the same on every process (rank 0 then adds files and costs)."""
     final = {k[5:]: v for k, v in history[-1].items() if k.startswith("eval_")} if history else {}
@@ -414,11 +368,11 @@ def _write_outputs(p: Parts, cfg: TrainConfig, rt: Runtime, report: dict, histor
     """Rank 0: the delta files, adapter sizes and allocation plot, parameter counts, GFLOPs, images/s, report.json."""
     out, model = Path(cfg.output_dir), p.model
     report["delta_path"] = str(out / DELTA)
-    report["delta_bytes"] = save_delta(_stored(model), out / DELTA)
+    report["delta_bytes"] = save_delta(stored_form(model), out / DELTA)
     if p.ema is not None:
-        save_delta(_stored(p.ema.module), out / "delta_ema.safetensors")
-    if adapters(model) or adapter_sizes(model):
-        report["adapter_sizes"] = adapter_sizes(model)
+        save_delta(stored_form(p.ema.module), out / "delta_ema.safetensors")
+    if sizes := adapter_sizes(model):  # removed adapters count too
+        report["adapter_sizes"] = sizes
         report["adapter_sizes_original"] = adapter_sizes(model, original=True)
         report["allocation_plot"] = str(plot_allocation(report, out / "allocation.png", cfg.model))
     batch = _to(next(iter(p.eval_loader))[0], rt.device)
@@ -437,7 +391,7 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     model = build_model(cfg, data.num_classes)
     phases = plan(cfg, model)
     total = phases[-1].end
-    saved = _saved_info(cfg, rt)
+    saved = saved_info(out / CHECKPOINT, cfg.resume, rt.is_main and cfg.progress)
     index = saved.get("phase", 0) if saved else 0
     if index >= len(phases):
         raise DeltaTuneError(
@@ -450,7 +404,7 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     p = _parts(cfg, rt, data, model, current)
     seed_all(cfg.seed + 1000 * rt.rank)  # augmentation and dropout differ between processes
     if saved:
-        _resume(p, cfg, rt)
+        resume_state(out / CHECKPOINT, *_state(p), rt, cfg.to_dict(), rt.is_main and cfg.progress)
     start_epoch, history = (saved["epoch"], saved["history"]) if saved else (0, [])
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ applied before ``prefix`` (in an earlier stage or earlier in the same list).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -207,4 +208,15 @@ def fold_prefixes(model: nn.Module) -> nn.Module:
     for entry in state_of(model).entries if state_of(model) else []:
         if isinstance(entry.config, PrefixConfig) and entry.config.reparameterize:
             entry.config = dataclasses.replace(entry.config, reparameterize=False)
+    return model
+
+
+def stored_form(model: nn.Module) -> nn.Module:
+    """What a finished run's delta file should hold: the model itself, or, if it trains prefixes through the
+    MLP, a copy with the MLP folded away (the model keeps training as it was)."""
+    from deltatune.core import state_of
+
+    state = state_of(model)
+    if state and any(isinstance(e.config, PrefixConfig) and e.config.reparameterize for e in state.entries):
+        return fold_prefixes(copy.deepcopy(model))
     return model

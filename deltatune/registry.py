@@ -28,6 +28,12 @@ def register(name: str):
     return wrap
 
 
+def require(config: Any, ok: bool, option: str, rule: str) -> None:
+    """Raises a DeltaTuneError naming the method, the option, its rule and the value given, unless ``ok``."""
+    if not ok:
+        raise DeltaTuneError(f"{config.name}: {option} must be {rule}, got {getattr(config, option)!r}")
+
+
 def methods() -> list[str]:
     """Names of all registered methods, sorted."""
     return sorted(_METHODS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 
@@ -120,6 +121,14 @@ def find_sites(
             f"in {type(model).__name__}; candidates: {candidates(model, supported)}"
         )
     return found
+
+
+def config_sites(
+    model: nn.Module, config: Any, presets: dict[str, Targets], supported: tuple[type, ...], skip: tuple[str, ...]
+) -> list[tuple[str, nn.Module]]:
+    """The sites of a method config with ``target_modules`` (None: its preset) and ``exclude_modules``."""
+    targets = resolve_targets(model, config.name, config.target_modules, presets)
+    return find_sites(model, config.name, targets, supported, config.exclude_modules, skip)
 
 
 def candidates(model: nn.Module, supported: tuple[type, ...], limit: int = 10) -> str:

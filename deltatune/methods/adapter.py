@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
-from deltatune.registry import register
-from deltatune.targeting import Targets, family, find_sites, innermost, resolve_targets, set_module
+from deltatune.registry import register, require
+from deltatune.targeting import Targets, config_sites, family, innermost, set_module
 
 PRESETS: dict[str, Targets] = {
     "vit": ["attn.proj", "mlp.fc2"],
@@ -63,15 +63,12 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if self.act not in ACTIVATIONS:
             raise DeltaTuneError(f"adapter: unknown act {self.act!r}; choose one of {', '.join(ACTIVATIONS)}")
-        if self.hidden is not None and self.hidden < 1:
-            raise DeltaTuneError(f"adapter: hidden must be >= 1, got {self.hidden}")
-        if self.sigma <= 0:
-            raise DeltaTuneError(f"adapter: sigma must be > 0, got {self.sigma}")
+        require(self, self.hidden is None or self.hidden >= 1, "hidden", ">= 1")
+        require(self, self.sigma > 0, "sigma", "> 0")
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         """Wraps every site in an ``Adapter`` (sites pruned to size 0 get none)."""
-        targets = resolve_targets(model, self.name, self.target_modules, PRESETS)
-        sites = find_sites(model, self.name, targets, (nn.Linear, nn.Conv2d), self.exclude_modules, skip)
+        sites = config_sites(model, self, PRESETS, (nn.Linear, nn.Conv2d), skip)
         applied = []
         for name, module in sites:
             original = self.original_size(model, module)

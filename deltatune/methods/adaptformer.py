@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
-from deltatune.registry import register
-from deltatune.targeting import Targets, family, find_sites, innermost, resolve_targets, set_module
+from deltatune.registry import register, require
+from deltatune.targeting import Targets, config_sites, family, innermost, set_module
 
 PRESETS: dict[str, Targets] = {
     "vit": ["mlp"],
@@ -64,15 +64,12 @@ class AdaptFormerConfig:
     name: ClassVar[str]
 
     def __post_init__(self) -> None:
-        if self.hidden < 1:
-            raise DeltaTuneError(f"adaptformer: hidden must be >= 1, got {self.hidden}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise DeltaTuneError(f"adaptformer: dropout must be in [0, 1), got {self.dropout}")
+        require(self, self.hidden >= 1, "hidden", ">= 1")
+        require(self, 0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         """Wraps every MLP (timm) or FFN output module (HF) in an ``AdaptFormer``."""
-        targets = resolve_targets(model, self.name, self.target_modules, PRESETS)
-        sites = find_sites(model, self.name, targets, (nn.Module,), self.exclude_modules, skip)
+        sites = config_sites(model, self, PRESETS, (nn.Module,), skip)
         hf = family(model) in HF_FAMILIES
         for name, module in sites:
             set_module(model, name, AdaptFormer(module, _width(name, innermost(module)), self, hf))

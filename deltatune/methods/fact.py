@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.core import Applied
-from deltatune.errors import DeltaTuneError
-from deltatune.registry import register
-from deltatune.targeting import Targets, find_sites, innermost, is_delta, resolve_targets, set_module
+from deltatune.registry import register, require
+from deltatune.targeting import Targets, config_sites, innermost, is_delta, set_module
 
 _HF = r"|.*attention\.output\.dense|.*intermediate\.dense|.*layer\.\d+\.output\.dense"
 PRESETS: dict[str, Targets] = {
@@ -65,15 +64,12 @@ class _FacTOptions:
     tucker: ClassVar[bool]
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise DeltaTuneError(f"{self.name}: r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise DeltaTuneError(f"{self.name}: dropout must be in [0, 1), got {self.dropout}")
+        require(self, self.r >= 1, "r", ">= 1")
+        require(self, 0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         """Groups the sites by width d, builds one factorisation per group and wraps every site in a ``FacTLinear``."""
-        targets = resolve_targets(model, self.name, self.target_modules, PRESETS)
-        sites = find_sites(model, self.name, targets, (nn.Linear,), self.exclude_modules, skip)
+        sites = config_sites(model, self, PRESETS, (nn.Linear,), skip)
         groups: dict[int, list[tuple[str, nn.Module, int, int]]] = {}
         for name, module in sites:
             layer = innermost(module)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from deltatune import fast_lora
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
-from deltatune.registry import register
+from deltatune.registry import register, require
 from deltatune.targeting import Targets, find_sites, innermost, is_delta, resolve_targets, set_module
 
 PRESETS: dict[str, Targets] = {
@@ -58,10 +58,8 @@ class LoRAConfig:
     name: ClassVar[str]
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise DeltaTuneError(f"lora: r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise DeltaTuneError(f"lora: dropout must be in [0, 1), got {self.dropout}")
+        require(self, self.r >= 1, "r", ">= 1")
+        require(self, 0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
         if self.fused_qkv is not None and (not self.fused_qkv or set(self.fused_qkv) - set("qkv")):
             raise DeltaTuneError(f"lora: fused_qkv takes letters of 'qkv' such as 'qv', got {self.fused_qkv!r}")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adapter import AdapterConfig
-from deltatune.registry import register
+from deltatune.registry import register, require
 
 
 @register("mimi")
@@ -44,14 +44,12 @@ class MiMiConfig(AdapterConfig):
         super().__post_init__()
         from deltatune.pruning import SCOPES, SCORES
 
-        if not 0.0 < self.rho < 1.0:
-            raise DeltaTuneError(f"mimi: rho must be in (0, 1), got {self.rho}")
+        require(self, 0.0 < self.rho < 1.0, "rho", "in (0, 1)")
         if self.score not in SCORES:
             raise DeltaTuneError(f"mimi: unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
         if self.scope not in SCOPES:
             raise DeltaTuneError(f"mimi: unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
-        if self.phases is not None and self.phases < 1:
-            raise DeltaTuneError(f"mimi: phases must be >= 1, got {self.phases}")
+        require(self, self.phases is None or self.phases >= 1, "phases", ">= 1")
         if self.target_sigma is not None and self.target_sigma < self.sigma:
             raise DeltaTuneError(f"mimi: target_sigma {self.target_sigma} is below the start sigma {self.sigma}")
 

@@ -29,8 +29,8 @@ from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adapter import ACTIVATIONS
 from deltatune.methods.adapter import PRESETS as ADAPTER_PRESETS
-from deltatune.registry import register
-from deltatune.targeting import Targets, family, find_sites, innermost, resolve_targets, set_module
+from deltatune.registry import register, require
+from deltatune.targeting import Targets, config_sites, family, innermost, set_module
 
 
 @dataclass
@@ -57,19 +57,16 @@ class _PHMOptions:
     shared_rule: ClassVar[bool]
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise DeltaTuneError(f"{self.name}: n must be >= 1, got {self.n}")
+        require(self, self.n >= 1, "n", ">= 1")
         if self.hidden is not None and (self.hidden < 1 or self.hidden % self.n):
             raise DeltaTuneError(f"{self.name}: hidden must be a positive multiple of n={self.n}, got {self.hidden}")
-        if self.sigma <= 0:
-            raise DeltaTuneError(f"{self.name}: sigma must be > 0, got {self.sigma}")
+        require(self, self.sigma > 0, "sigma", "> 0")
         if self.act not in ACTIVATIONS:
             raise DeltaTuneError(f"{self.name}: unknown act {self.act!r}; choose one of {', '.join(ACTIVATIONS)}")
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         """Wraps every site in a ``PHMAdapter``; Compacter's rule A is one tensor shared by all of them."""
-        targets = resolve_targets(model, self.name, self.target_modules, ADAPTER_PRESETS)
-        sites = find_sites(model, self.name, targets, (nn.Linear,), self.exclude_modules, skip)
+        sites = config_sites(model, self, ADAPTER_PRESETS, (nn.Linear,), skip)
         mult = 4 if family(model) == "swin" else 1
         ref = innermost(sites[0][1]).weight
         shared = None

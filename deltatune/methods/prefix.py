@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import register
-from deltatune.targeting import Targets, family, find_sites, innermost, resolve_targets, set_module
+from deltatune.targeting import Targets, config_sites, family, innermost, set_module
 
 PRESETS: dict[str, Targets] = {"vit": ["attn"], "bert": r".*attention\.self"}
 
@@ -70,8 +70,7 @@ class PrefixConfig:
                 f"prefix supports timm ViT/DeiT and HF BERT-family encoders, not {type(model).__name__}"
                 + (" (its window attention has no prefix form here; use vpt-deep)" if family(model) == "swin" else "")
             )
-        targets = resolve_targets(model, self.name, self.target_modules, PRESETS)
-        sites = find_sites(model, self.name, targets, (nn.Module,), self.exclude_modules, skip)
+        sites = config_sites(model, self, PRESETS, (nn.Module,), skip)
         widths = [_attn_dim(name, innermost(m)) for name, m in sites]
         ref = next(innermost(sites[0][1]).parameters())
         shared = PrefixMLP(self, sum(2 * w for w in widths), ref) if self.reparameterize else None

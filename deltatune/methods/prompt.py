@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
-from deltatune.registry import register
+from deltatune.registry import register, require
 from deltatune.targeting import family, is_delta, set_module
 
 SUPPORTED = ("bert", "hf-vit")
@@ -45,10 +45,8 @@ class PromptConfig:
     name: ClassVar[str]
 
     def __post_init__(self) -> None:
-        if self.num_tokens < 1:
-            raise DeltaTuneError(f"prompt: num_tokens must be >= 1, got {self.num_tokens}")
-        if self.insert_at < 0:
-            raise DeltaTuneError(f"prompt: insert_at must be >= 0, got {self.insert_at}")
+        require(self, self.num_tokens >= 1, "num_tokens", ">= 1")
+        require(self, self.insert_at >= 0, "insert_at", ">= 0")
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         """Wraps the encoder's ``embeddings`` in a ``SoftPrompt`` and hooks the encoder model to pad its mask."""

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from deltatune.core import Applied, delta_modules
 from deltatune.errors import DeltaTuneError
-from deltatune.registry import register
+from deltatune.registry import register, require
 from deltatune.targeting import family, get_module, innermost, set_module
 
 VPT_METHODS = ("vpt-shallow", "vpt-deep")
@@ -58,10 +58,8 @@ class _VPTOptions:
     deep: ClassVar[bool]
 
     def __post_init__(self) -> None:
-        if self.num_tokens < 1:
-            raise DeltaTuneError(f"{self.name}: num_tokens must be >= 1, got {self.num_tokens}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise DeltaTuneError(f"{self.name}: dropout must be in [0, 1), got {self.dropout}")
+        require(self, self.num_tokens >= 1, "num_tokens", ">= 1")
+        require(self, 0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         """Adds the prompt wrappers for the model's family (timm ViT, or Swin for deep)."""

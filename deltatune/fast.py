@@ -24,6 +24,7 @@ formulas run. All of it is plain PyTorch, traceable by torch.compile without gra
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -90,6 +91,21 @@ def _column_sums_compiled() -> Callable[[Tensor, Tensor | None], tuple[Tensor, T
     return torch.compile(_column_sums_plain, dynamic=True)
 
 
+_compile_failed: list[str] = []  # the first compile error, once one happened: the plain formula serves from then
+
+
+def _column_sums_fused(dy: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The compiled one-pass reduction (a Triton kernel from inductor on CUDA); plain sums if it cannot compile."""
+    if not _compile_failed:
+        try:
+            return _column_sums_compiled()(dy, y)
+        except Exception as error:  # a broken compiler toolchain must not stop training
+            _compile_failed.append(f"{type(error).__name__}: {error}")
+            warnings.warn(f"deltatune: SSF's fused reduction could not compile ({_compile_failed[0][:200]}); "
+                          "using plain PyTorch sums, which are slower", RuntimeWarning, stacklevel=2)  # fmt: skip
+    return _column_sums_plain(dy, y)
+
+
 def column_sums(dy: Tensor, y: Tensor | None, block: int = 1 << 18) -> tuple[Tensor, Tensor | None]:
     """``(dy.sum(0), (dy * y).sum(0))`` for (N, C) tensors in one pass over dy and y.
 
@@ -99,7 +115,7 @@ def column_sums(dy: Tensor, y: Tensor | None, block: int = 1 << 18) -> tuple[Ten
     if torch.compiler.is_compiling():
         return _column_sums_plain(dy, y)
     if dy.device.type != "cpu":
-        return _column_sums_compiled()(dy, y)
+        return _column_sums_fused(dy, y)
     if dy.dtype not in (torch.float32, torch.float64):
         return _column_sums_plain(dy, y)
     n, c = dy.shape

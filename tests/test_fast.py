@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import timm
@@ -133,6 +135,26 @@ def test_column_sums_blocks(block: int) -> None:
     dsum, dot = fast.column_sums(dy, y, block)
     assert rel_err(dsum, dy.sum(0)) < 1e-5 and rel_err(dot, (dy * y).sum(0)) < 1e-5
     assert fast.column_sums(dy, None, block)[1] is None
+
+
+def test_column_sums_falls_back_when_it_cannot_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off the CPU (here: meta tensors) the compiled reduction runs; a compiler failure warns once, then plain sums."""
+
+    def broken() -> Callable[..., Any]:
+        def fail(*args: Any) -> Any:
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(fast, "_column_sums_compiled", broken)
+    monkeypatch.setattr(fast, "_compile_failed", [])
+    dy, y = torch.randn(6, 3), torch.randn(6, 3)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        dsum, dot = fast.column_sums(dy.to("meta"), y.to("meta"))
+    assert dsum.shape == dot.shape == (3,) and fast._compile_failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        fast.column_sums(dy.to("meta"), y.to("meta"))
 
 
 @pytest.mark.slow

@@ -8,7 +8,9 @@ Configurations are stepped round-robin (one step of each, the order rotated ever
 is kept, so the drift of a shared machine hits all alike. Memory: on CUDA the step's max_memory_allocated plus
 the configuration's resident weights and optimizer state; on CPU the activation bytes saved for backward
 (``deltatune.fast_measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
-formulas (``deltatune.fast.disabled``): the obvious implementation the fast paths replace.
+formulas (``deltatune.fast.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
+forces LoRA to recompute its LayerNorm/GELU inputs in backward (the default on CUDA only; ``deltatune.fast_lora``),
+to show on CPU the memory that LoRA keeps on a GPU.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import deltatune
-from deltatune import fast
+from deltatune import fast, fast_lora
 from deltatune.fast_measure import count_saved, cuda_peak, resident_bytes, round_robin
 from deltatune.targeting import find_head, is_delta
 
-METHODS = ("floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "adapter")
+METHODS = ("floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-recompute", "adapter")
 PEFT_METHODS = ("peft-lora", "peft-ia3")
 OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {  # row -> (deltatune method, options)
     "full": ("full", {}),
@@ -63,6 +65,7 @@ class Case:
     trainable: int
     plain: bool = False
     floor: bool = False
+    recompute: bool | None = None
     merge: Callable[[nn.Module], nn.Module] | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -99,7 +102,7 @@ def build_case(name: str, make: Callable[[], nn.Module], compile_model: bool, fu
             return None
         merge = lambda m: m.merge_and_unload()  # noqa: E731
     else:
-        method, options = OPTIONS[name.removesuffix("-plain")]
+        method, options = OPTIONS[name.removesuffix("-plain").removesuffix("-recompute")]
         deltatune.apply(model, method, **options)
         if any(is_delta(m) for m in model.modules()):
             merge = deltatune.merge
@@ -107,7 +110,9 @@ def build_case(name: str, make: Callable[[], nn.Module], compile_model: bool, fu
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused) if params else None
     compiled = torch.compile(model) if compile_model else model
     trainable = sum(p.numel() for p in params)
-    return Case(name, model, compiled, optimizer, trainable, name.endswith("-plain"), name == "floor", merge)
+    recompute = True if name.endswith("-recompute") else None
+    plain, floor = name.endswith("-plain"), name == "floor"
+    return Case(name, model, compiled, optimizer, trainable, plain, floor, recompute, merge)
 
 
 def _logits(out: Any) -> Tensor:
@@ -117,6 +122,7 @@ def _logits(out: Any) -> Tensor:
 @contextlib.contextmanager
 def _mode(case: Case, amp: torch.dtype | None, device: torch.device) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
+        stack.enter_context(fast_lora.recompute_inputs(case.recompute))
         if case.plain:
             stack.enter_context(fast.disabled())
         if amp is not None:

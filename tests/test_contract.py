@@ -65,6 +65,8 @@ def test_merge_matches_unmerged(method: str, kind: str) -> None:
     if mergeable:
         assert not delta_modules(model)
         assert sum(p.numel() for p in model.parameters()) == plain_count
+        layout = {n: type(m) for n, m in make_backbone(kind).named_modules()}
+        assert {n: type(m) for n, m in model.named_modules()} == layout  # the plain architecture, module for module
         assert not caught
     else:
         assert delta_modules(model)

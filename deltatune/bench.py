@@ -208,7 +208,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _inference_times(cases: dict[str, Case], x: Tensor, amp: torch.dtype | None, args: argparse.Namespace) -> dict:
-    """Median inference ms of the plain backbone and of each configuration, unmerged and merged."""
+    """Inference ms per round of the plain backbone and of each configuration, unmerged and merged."""
     xi = x[: args.infer_batch] if args.infer_batch <= len(x) else x.repeat(-(-args.infer_batch // len(x)), 1, 1, 1)
     xi = xi[: args.infer_batch]
     fns = {"plain": _inference(cases["floor"].model.eval(), xi, amp, False)}
@@ -221,8 +221,7 @@ def _inference_times(cases: dict[str, Case], x: Tensor, amp: torch.dtype | None,
                 warnings.simplefilter("ignore")  # adapters stay unmerged: timed as they are
                 merged = case.merge(copy.deepcopy(case.raw)).eval()
             fns[case.name + ":merged"] = _inference(torch.compile(merged) if args.compile else merged, xi, amp, False)
-    times = round_robin(fns, args.warmup, args.infer_steps or args.steps, x.device, args.clock)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return round_robin(fns, args.warmup, args.infer_steps or args.steps, x.device, args.clock)
 
 
 def _results(cases: dict[str, Case], infer: dict[str, float], batch: int) -> list[dict[str, Any]]:
@@ -236,11 +235,14 @@ def _results(cases: dict[str, Case], infer: dict[str, float], batch: int) -> lis
         r["step_x_full"], r["step_x_floor"] = r["step_ms"] / t_full, r["step_ms"] / t_floor
         r["step_x_floor_paired"] = paired_ratio(r["step_ms_all"], floor["step_ms_all"])
         r["memory_x_floor"] = r["memory_bytes"] / floor["memory_bytes"]
-        r["infer_ms"] = infer.get(case.name, infer["plain"])
-        merged = infer.get(case.name + ":merged") if case.merge is not None else r["infer_ms"]
-        r["merged_infer_ms"] = None if case.plain else merged
-        r["infer_x_plain"] = r["infer_ms"] / infer["plain"]
-        r["merged_x_plain"] = None if merged is None or case.plain else merged / infer["plain"]
+        plain = infer["plain"]
+        unmerged = infer.get(case.name, plain)
+        merged = infer.get(case.name + ":merged") if case.merge is not None else unmerged
+        r["infer_ms_all"], r["merged_infer_ms_all"] = unmerged, None if case.plain else merged
+        r["infer_ms"] = statistics.median(unmerged)
+        r["merged_infer_ms"] = None if case.plain or merged is None else statistics.median(merged)
+        r["infer_x_plain"] = paired_ratio(unmerged, plain)  # same-round ratios: a few % of drift cancels
+        r["merged_x_plain"] = None if r["merged_infer_ms"] is None else paired_ratio(merged, plain)
         out.append(r)
     return out
 
@@ -312,7 +314,8 @@ def markdown(report: dict[str, Any], text: str) -> str:
         f"```\n{m['command']}\n```\n\n"
         f"{m['model']}, {m['img_size']} px, batch {m['batch']}, {m['dtype']}, {m['device']} ({m['device_name']}, "
         f"{m['threads']} threads), {'torch.compile' if m['compile'] else 'eager'}; median of {m['steps']} steps "
-        f"after {m['warmup']} warm-up rounds, stepped round-robin, {m['clock']} clock; MiB: {memory}. "
+        f"after {m['warmup']} warm-up rounds, stepped round-robin, {m['clock']} clock; MiB: {memory}; "
+        "'paired' and 'merged x plain': medians of same-round ratios. "
         f"torch {m['torch']}, timm {m['timm']}, peft {m['peft']}, {m['date']}.\n\n{text}\n"
     )
 

@@ -151,13 +151,14 @@ def _resident(case: Case) -> list[Tensor]:
 
 
 def measure_memory(case: Case, x: Tensor, target: Tensor, amp: torch.dtype | None) -> dict[str, Any]:
-    """CUDA: the step's peak bytes as if it ran alone. CPU: activation bytes saved for backward, counted."""
+    """CUDA: the step's peak bytes as if it ran alone. CPU: activation bytes saved for backward, counted (of the
+    compiled graph with --compile)."""
     if x.device.type == "cuda":
         peak = cuda_peak(lambda: train_step(case, x, target, amp), x.device) + resident_bytes(_resident(case))
         return {"memory_kind": "cuda_peak", "memory_bytes": peak}
     inp = x.detach().requires_grad_() if case.floor else x
     with _mode(case, amp, x.device):
-        counter = count_saved(case.raw, inp)
+        counter = count_saved(case.model, inp)  # compiled: what the compiled graph keeps
     return {
         "memory_kind": "saved_activations",
         "memory_bytes": counter.bytes,

@@ -150,7 +150,9 @@ class SSFLinearFn(torch.autograd.Function):
         weight, scale, shift, y = ctx.saved_tensors
         need_x, _, need_b, need_scale, need_shift = ctx.needs_input_grad
         dx = db = dscale = dshift = None
-        if need_x:
+        if need_x and torch.compiler.is_compiling():  # scale dy, which fuses into dy's producer; a scaled copy
+            dx = (dy * scale.to(dy.dtype)).matmul(weight.to(dy.dtype))  # of W would be kept from the forward
+        elif need_x:
             dx = dy.matmul((weight * scale[:, None]).to(dy.dtype))  # (..., in)
         if need_b or need_scale or need_shift:
             dsum, dot = column_sums(rows(dy), rows(y) if need_scale else None)  # (out,), one pass over dy and y

@@ -218,6 +218,26 @@ def test_compiles_without_graph_breaks(method: str) -> None:
     assert all(rel_err(grads[n], ref_grads[n]) < 1e-5 for n in ref_grads)
 
 
+def test_compiled_ssf_keeps_no_scaled_weights() -> None:
+    """Traced, the folded SSF's backward scales dy, so no scaled copy of a weight is kept from the forward."""
+    model = deltatune.apply(make_backbone("vit"), "ssf")
+    x = make_input("vit")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled(x).sum().backward()
+    weights = {tuple(p.shape) for p in model.parameters() if p.ndim == 2}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(t: Tensor) -> Tensor:
+        if t.untyped_storage().data_ptr() not in params:  # the weights themselves are kept anyway
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        compiled(x)
+    assert shapes and not weights & set(shapes)
+
+
 @pytest.mark.parametrize("name", ["ssf-linear", "lora-qv"])
 def test_bf16_autocast_close_to_plain(name: str) -> None:
     layer = _layer(name, False)

@@ -15,7 +15,7 @@ FIELDS = {
     "name", "trainable", "step_ms", "step_ms_all", "images_per_s", "step_x_full", "step_x_floor", "memory_kind",
     "step_x_floor_paired",
     "memory_bytes", "memory_x_floor", "infer_ms", "merged_infer_ms", "infer_x_plain", "merged_x_plain",
-    "infer_ms_all", "merged_infer_ms_all",
+    "infer_ms_all", "merged_infer_ms_all", "step_x_floor_best", "merged_x_plain_best",
 }  # fmt: skip
 
 
@@ -51,6 +51,7 @@ def test_numbers_are_self_consistent(report: tuple[dict, Path]) -> None:
         assert math.isclose(r["step_x_floor"], r["step_ms"] / floor["step_ms"])
         paired = [t / f for t, f in zip(r["step_ms_all"], floor["step_ms_all"])]
         assert math.isclose(r["step_x_floor_paired"], (paired[0] + paired[1]) / 2)
+        assert math.isclose(r["step_x_floor_best"], min(r["step_ms_all"]) / min(floor["step_ms_all"]))
         assert math.isclose(r["images_per_s"], 2 * 1000 / r["step_ms"])
         assert math.isclose(r["memory_x_floor"], r["memory_bytes"] / floor["memory_bytes"])
         assert r["memory_kind"] == "saved_activations" and r["memory_bytes"] > 0
@@ -60,6 +61,7 @@ def test_numbers_are_self_consistent(report: tuple[dict, Path]) -> None:
         if r["merged_x_plain"] is not None:
             ratios = [t / p for t, p in zip(r["merged_infer_ms_all"], plain)]
             assert math.isclose(r["merged_x_plain"], (ratios[0] + ratios[1]) / 2)
+            assert math.isclose(r["merged_x_plain_best"], min(r["merged_infer_ms_all"]) / min(plain))
     assert floor["trainable"] == 0 and full["trainable"] > rows["lora"]["trainable"] > rows["ssf"]["trainable"]
     assert rows["ssf"]["memory_bytes"] < rows["ssf-plain"]["memory_bytes"]  # the folded SSF keeps less
     assert rows["lora-recompute"]["memory_bytes"] < rows["lora"]["memory_bytes"]  # x from its LayerNorm/GELU

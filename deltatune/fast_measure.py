@@ -38,6 +38,7 @@ class SavedBytes:
         self._seen: set[tuple[str, int]] = set()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
+    @torch.compiler.disable  # run as Python even when a compiled graph saves tensors: not traced, no recompiles
     def _pack(self, t: Tensor) -> Tensor:
         key = _key(t)
         if key is None or key in self._seen:

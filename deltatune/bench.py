@@ -208,7 +208,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return {"meta": _meta(args, device), "results": _results(cases, infer, args.batch)}
 
 
-def _inference_times(cases: dict[str, Case], x: Tensor, amp: torch.dtype | None, args: argparse.Namespace) -> dict:
+def _inference_times(
+    cases: dict[str, Case], x: Tensor, amp: torch.dtype | None, args: argparse.Namespace
+) -> dict[str, list[float]]:
     """Inference ms per round of the plain backbone and of each configuration, unmerged and merged."""
     xi = x[: args.infer_batch] if args.infer_batch <= len(x) else x.repeat(-(-args.infer_batch // len(x)), 1, 1, 1)
     xi = xi[: args.infer_batch]
@@ -225,7 +227,7 @@ def _inference_times(cases: dict[str, Case], x: Tensor, amp: torch.dtype | None,
     return round_robin(fns, args.warmup, args.infer_steps or args.steps, x.device, args.clock)
 
 
-def _results(cases: dict[str, Case], infer: dict[str, float], batch: int) -> list[dict[str, Any]]:
+def _results(cases: dict[str, Case], infer: dict[str, list[float]], batch: int) -> list[dict[str, Any]]:
     full, floor = cases["full"].result, cases["floor"].result
     t_full, t_floor = statistics.median(full["step_ms_all"]), statistics.median(floor["step_ms_all"])
     out = []

@@ -8,6 +8,7 @@ file) raises a ``DeltaTuneError`` that names the file and the fix.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
@@ -42,6 +43,7 @@ TORCHVISION: dict[str, tuple[str, int, str | None, str | None]] = {
 }
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 FGVC_SPLITS = ("train", "val", "trainval", "test")
+MAX_CLASSES = 100_000  # more is a typo (ImageNet-21k has 21,841): a ViT-B head for 10M classes takes 30 GB
 OTHER_DATASETS = ("offline:TASK", "folder", "vtab[:TASK]", "fgvc[:NAME]", "text", "synthetic")
 
 
@@ -98,10 +100,18 @@ class Transformed(Dataset):
 
 
 def load_image(path: str) -> Image.Image:
-    """Opens an image as RGB; an unreadable file raises a DeltaTuneError naming it."""
+    """Opens an image as RGB; an unreadable file or a decompression bomb (more pixels than PIL's
+    ``Image.MAX_IMAGE_PIXELS``: a small file that would fill the memory) raises a DeltaTuneError naming it."""
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as f:
+                return Image.open(f).convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DeltaTuneError(
+            f"image {path!r} is too large to decode safely ({e}); shrink or remove it (or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file)"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DeltaTuneError(
             f"cannot read image {path!r} ({e}); replace the file or remove it from the dataset"
@@ -123,6 +133,7 @@ def load_data(
     if key in TORCHVISION:
         return _torchvision(key, data_dir, train_split, eval_split, download)
     kind, _, arg = key.partition(":")
+    given = name.partition(":")[2]  # folder names keep their case
     if _is_offline_text_task(key):
         return _offline_text(arg or key, seed, **text_options)
     if kind == "offline" or _is_offline_task(key):
@@ -130,11 +141,11 @@ def load_data(
     if kind == "synthetic":
         return _synthetic(seed, image_size or 32)
     if kind in ("folder", "imagefolder"):
-        return _folder(Path(data_dir) / arg if arg else Path(data_dir), train_split, eval_split)
+        return _folder(Path(data_dir) / given if given else Path(data_dir), train_split, eval_split)
     if kind == "vtab":
-        return _vtab(Path(data_dir) / name.partition(":")[2] if arg else Path(data_dir), train_split, eval_split)
+        return _vtab(Path(data_dir) / given if given else Path(data_dir), train_split, eval_split)
     if kind == "fgvc":
-        return _fgvc(Path(data_dir) / name.partition(":")[2] if arg else Path(data_dir), train_split, eval_split)
+        return _fgvc(Path(data_dir) / given if given else Path(data_dir), train_split, eval_split)
     if kind == "text":
         from deltatune.text_data import load_text
 
@@ -262,8 +273,10 @@ def _read_list(root: Path, split: str) -> list[tuple[str, int]]:
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise DeltaTuneError(f"{str(path)!r} line {n}: expected '<image path> <integer label>', got {line!r}")
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise DeltaTuneError(
+                f"{str(path)!r} line {n}: expected '<image path> <class id>' (an integer >= 0), got {line!r}"
+            )
         samples.append((str(root / parts[0]), int(parts[1])))
     _check_files(samples, path)
     return samples
@@ -317,7 +330,39 @@ def _listed(kind: str, known: tuple[str, ...], splits: tuple[str, str], root: Pa
         if split not in known:
             raise DeltaTuneError(f"{kind} split {split!r} unknown; use one of {', '.join(known)}")
     train, test = (read(root, s) for s in splits)
-    return Data(ListImages(train), ListImages(test), 1 + max(y for _, y in train + test))
+    return Data(ListImages(train), ListImages(test), num_classes([y for _, y in train + test], f"{kind} {root}"))
+
+
+def num_classes(labels: list[int], where: str) -> int:
+    """1 + the largest label, after checking that labels are class ids: 0 <= label < MAX_CLASSES."""
+    bad = [y for y in labels if not 0 <= y < MAX_CLASSES]
+    if bad:
+        raise DeltaTuneError(
+            f"{where}: label {bad[0]} is not a class id; labels are integers 0 <= label < {MAX_CLASSES:,}"
+            " numbering the classes from 0: fix the split files"
+        )
+    return 1 + max(labels)
+
+
+def check_classes(data: Data, where: str) -> None:
+    """Refuses a task with fewer than two classes (or whose training split holds one label): it cannot be learnt."""
+    labels = train_labels(data.train)
+    distinct = len(set(labels)) if labels is not None else data.num_classes
+    if data.num_classes < 2 or distinct < 2:
+        raise DeltaTuneError(
+            f"{where}: the training split has {min(distinct, data.num_classes)} class(es); a classifier needs at"
+            " least 2 (a one-class task scores 100% by always answering it): add the other classes' data"
+        )
+
+
+def train_labels(dataset: Dataset) -> list[int] | None:
+    """The labels of a dataset that holds them apart from its images (None when only reading every item would tell)."""
+    if isinstance(dataset, ListImages):
+        return [y for _, y in dataset.samples]
+    if isinstance(dataset, TensorImages):
+        return dataset.labels.tolist()
+    targets = getattr(dataset, "targets", None) or getattr(dataset, "labels", None)
+    return list(targets) if isinstance(targets, list) else None
 
 
 def subsample(dataset: Dataset, n: int | None, seed: int) -> Dataset:
@@ -348,12 +393,39 @@ def make_transform(kind: str, training: bool, data_cfg: dict[str, Any], **timm_o
             crop_mode=data_cfg.get("crop_mode"),
             **(timm_options if training else {}),
         )
+        _keep_posterize_zero_bits(tf)
         # timm's ops (RandAugment, its Resize) want PIL images; PIL inputs pass through ToPILImage unchanged.
         return v2.Compose([v2.ToPILImage(), tf])
     ops: list[Callable] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     if kind == "resize":
         ops.append(v2.Resize(size, interpolation=_interpolation(data_cfg["interpolation"]), antialias=True))
     return v2.Compose([*ops, v2.Normalize(mean, std), v2.ToPureTensor()])
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize as it behaved with Pillow < 13: keeping 0 bits gives a black image (Pillow 13 refuses 0)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _keep_posterize_zero_bits(transform: Any) -> None:
+    """Routes the posterize ops of timm's RandAugment / AutoAugment inside ``transform`` through ``posterize``.
+
+    ``rand-m9-mstd0.5`` draws magnitudes up to 10, where PosterizeIncreasing keeps 4 - 4 = 0 bits: Pillow 13 raises
+    on that (about one image in 700). Clamping the magnitude (``mmax``) would change every op's distribution;
+    this keeps the paper's augmentation exactly as timm applied it with older Pillow, for this transform only.
+    """
+    from timm.data.auto_augment import AugmentOp
+
+    for op in getattr(transform, "ops", None) or getattr(transform, "policy", None) or []:
+        for sub in op if isinstance(op, list | tuple) else [op]:
+            if isinstance(sub, AugmentOp) and sub.name.startswith("Posterize"):
+                sub.aug_fn = posterize
+    for inner in getattr(transform, "transforms", None) or []:
+        _keep_posterize_zero_bits(inner)
 
 
 def _interpolation(name: str) -> v2.InterpolationMode:

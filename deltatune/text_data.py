@@ -81,10 +81,10 @@ def text_data(
     a ``deltatune.data.Data``."""
     from transformers import DataCollatorWithPadding
 
-    from deltatune.data import Data
+    from deltatune.data import Data, num_classes
 
     raw = [r["label"] for r in train_rows + eval_rows]
-    if all(isinstance(v, int) or str(v).lstrip("-").isdigit() for v in raw):
+    if all(isinstance(v, int) or str(v).lstrip("-").isdigit() for v in raw):  # negative ones are refused below
         ids = {v: int(v) for v in raw}
     else:
         ids = {v: i for i, v in enumerate(sorted({str(v) for v in raw}))}
@@ -101,8 +101,8 @@ def text_data(
         inputs = collator([{k: v.tolist() for k, v in x.items()} for x, _ in batch])
         return dict(inputs), torch.tensor([y for _, y in batch])
 
-    num_classes = 1 + max(ids.values())
-    return Data(encode(train_rows), encode(eval_rows), num_classes, collate=collate, is_text=True)
+    classes = num_classes(list(ids.values()), "text labels")
+    return Data(encode(train_rows), encode(eval_rows), classes, collate=collate, is_text=True)
 
 
 def load_tokenizer(name: str | None) -> Any:

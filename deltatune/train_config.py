@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -157,6 +158,9 @@ class TrainConfig:
     """Time spent measuring inference images/s for the report (0: skip)."""
 
     def __post_init__(self) -> None:
+        hints = _hints()
+        for f in dataclasses.fields(self):  # one place: types from the annotations, then the ranges below
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
         if isinstance(self.method, str) and "," in self.method:
             self.method = [m.strip() for m in self.method.split(",") if m.strip()]
         if self.stages:
@@ -164,17 +168,9 @@ class TrainConfig:
         for name in ("train_transform", "eval_transform"):
             if getattr(self, name) not in TRANSFORMS:
                 raise DeltaTuneError(f"{name} must be one of {', '.join(TRANSFORMS)}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "max_length", "prune_batches"):
-            if getattr(self, name) < 1:
-                raise DeltaTuneError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "checkpoint_every", "eval_every", "warmup_epochs", "weight_decay", "lr"):
-            if getattr(self, name) < 0:
-                raise DeltaTuneError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("hflip", "reprob", "smoothing"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise DeltaTuneError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise DeltaTuneError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        for name, limits in LIMITS.items():
+            check_range(name, getattr(self, name), *limits)
+        check_model_kwargs(self.model_kwargs)
         if (self.mixup or self.cutmix) and self.batch_size % 2:
             raise DeltaTuneError(f"mixup/cutmix pair up images: batch_size must be even, got {self.batch_size}")
         self.method_configs()  # validates method names and options now, not after the data is loaded
@@ -191,8 +187,7 @@ class TrainConfig:
                 f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, fields, 1)) else k for k in unknown
             ]
             raise DeltaTuneError(f"unknown training option(s): {', '.join(hints)}; see `deltatune train --help`")
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: coerce(k, v, hints[k]) for k, v in data.items()})
+        return cls(**data)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -235,6 +230,77 @@ class TrainConfig:
             pruning["target_sigma"] = None
         configs = [[make_config(n, **(options.get(n) or {})) for n in stage] for stage in stages]
         return [[dataclasses.replace(c, **pruning) if c.name == "mimi" else c for c in stage] for stage in configs]
+
+
+# field: (lowest, highest, strict); None is unbounded, strict excludes the bounds. None values skip the check.
+LIMITS: dict[str, tuple[float | None, float | None, bool]] = {
+    **dict.fromkeys(("epochs", "batch_size", "max_length", "prune_batches", "img_size", "threads"), (1, None, False)),
+    **dict.fromkeys(("max_train_samples", "max_eval_samples", "phases", "target_params"), (1, None, False)),
+    **dict.fromkeys(("num_workers", "checkpoint_every", "eval_every", "warmup_epochs"), (0, None, False)),
+    **dict.fromkeys(("lr", "min_lr", "warmup_lr", "weight_decay", "benchmark_seconds"), (0, None, False)),
+    **dict.fromkeys(("color_jitter", "mixup", "cutmix"), (0, None, False)),
+    **dict.fromkeys(("hflip", "reprob", "smoothing"), (0, 1, False)),
+    **dict.fromkeys(("grad_clip", "target_sigma"), (0, None, True)),
+    **dict.fromkeys(("ema_decay", "rho"), (0, 1, True)),
+}
+# Options --resume may change: they do not alter what is trained (num_workers: with random augmentation keep it
+# too, each worker draws its own augmentations). Every other option must match the checkpoint's.
+RESUME_MAY_CHANGE = (
+    "resume",
+    "progress",
+    "num_workers",
+    "threads",
+    "checkpoint_every",
+    "benchmark_seconds",
+    "download",
+    "output_dir",
+)
+# create_backbone's own arguments: model_kwargs may not set them behind the options that do.
+RESERVED_MODEL_KWARGS = {
+    "img_size": "--img-size",
+    "num_classes": "the dataset (its number of classes)",
+    "pretrained": "--pretrained / --no-pretrained",
+    "checkpoint": "--checkpoint",
+    "pretrained_cfg_overlay": "--checkpoint",
+    "name": "--model",
+}
+
+
+@cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_range(name: str, value: Any, low: float | None, high: float | None, strict: bool) -> None:
+    """Refuses ``value`` outside [low, high] ((low, high) when ``strict``), naming the option and the range."""
+    if value is None:
+        return
+    below = low is not None and (value <= low if strict else value < low)
+    above = high is not None and (value >= high if strict else value > high)
+    if below or above:
+        lo = "" if low is None else f"{low} {'<' if strict else '<='} "
+        hi = "" if high is None else f" {'<' if strict else '<='} {high}"
+        none = " (or none)" if type(None) in typing.get_args(_hints()[name]) else ""
+        raise DeltaTuneError(
+            f"{name}: {value!r} is out of range; set {_flag(name)} to a value with {lo}{name}{hi}{none}"
+            f" ({field_docs().get(name, '')})"
+        )
+
+
+def check_model_kwargs(kwargs: dict[str, Any]) -> None:
+    """model_kwargs names timm.create_model arguments: text keys, none that another option sets."""
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise DeltaTuneError(f"model_kwargs: {key!r} is not an argument name; write it as {{name: value}}")
+        if key in RESERVED_MODEL_KWARGS:
+            raise DeltaTuneError(
+                f"model_kwargs: {key}={kwargs[key]!r} is set by {RESERVED_MODEL_KWARGS[key]}, not by model_kwargs;"
+                f" remove it from --model-kwargs" + (f" and pass --img-size {kwargs[key]}" if key == "img_size" else "")
+            )
 
 
 # TrainConfig option -> MiMiConfig field
@@ -349,7 +415,10 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
         is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
         if is_none and type(None) in args:
             return None
-        for arg in [a for a in args if a is not type(None)]:
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own message
+            return coerce(name, value, options[0])
+        for arg in options:
             try:
                 return coerce(name, value, arg)
             except DeltaTuneError:
@@ -363,12 +432,16 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
             return value
         raise DeltaTuneError(f"{name}: expected true or false, got {value!r}")
     if origin in (int, float):
+        if isinstance(value, bool):  # YAML reads true/yes/on as a boolean, which int() would take as 1
+            raise DeltaTuneError(f"{name}: expected a number, got the boolean {value!r}; set {_flag(name)} to a number")
         try:
             number = origin(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise DeltaTuneError(f"{name}: expected a number, got {value!r}") from None
         if origin is int and isinstance(value, float) and number != value:
             raise DeltaTuneError(f"{name}: expected an integer, got {value!r}")
+        if not math.isfinite(number):
+            raise DeltaTuneError(f"{name}: expected a finite number, got {value!r}; set {_flag(name)} to a real value")
         return number
     if origin is str:
         if isinstance(value, str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,19 +35,36 @@ from tqdm import tqdm
 from deltatune.backbones import create_backbone, data_config, forward, hf_name, is_text_model
 from deltatune.checkpoint import save_delta
 from deltatune.core import apply, summary, trainable_parameters
-from deltatune.data import Data, is_text_dataset, load_data, make_loader, make_transform, subsample, with_transforms
+from deltatune.data import (
+    Data,
+    check_classes,
+    is_text_dataset,
+    load_data,
+    make_loader,
+    make_transform,
+    subsample,
+    with_transforms,
+)
 from deltatune.distributed import Runtime, all_reduce_sum, runtime
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.prefix import stored_form
 from deltatune.phases import Phase, describe, enter_stage, plan, prune, restore
 from deltatune.pruning import adapter_sizes
 from deltatune.report import format_table, measure, plot_allocation
-from deltatune.train_config import TrainConfig
-from deltatune.train_state import resume_state, saved_info, write_checkpoint
+from deltatune.train_config import RESUME_MAY_CHANGE, TrainConfig
+from deltatune.train_state import (
+    check_same_config,
+    remove_temporaries,
+    resume_state,
+    saved_info,
+    write_checkpoint,
+    write_text,
+)
 
 __all__ = ["TrainConfig", "build_model", "cosine_lr", "evaluate", "fit", "make_optimizer", "train"]
 CHECKPOINT = "checkpoint.safetensors"
 DELTA = "delta.safetensors"
+OUTPUTS = [CHECKPOINT, DELTA, "delta_ema.safetensors", "config.yaml", "log.jsonl", "report.json"]
 
 
 @dataclass
@@ -296,8 +314,21 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     return line + f"  ({r['epoch_s']:.1f} s)"
 
 
+def _check_finite(p: Parts, what: str) -> None:
+    """Refuses to save weights (or an EMA copy) that the last optimizer step made NaN/inf."""
+    modules = [("", p.model)] + ([("EMA ", p.ema.module)] if p.ema is not None else [])
+    for prefix, module in modules:
+        bad = [n for n, q in module.named_parameters() if q.requires_grad and not bool(torch.isfinite(q).all())]
+        if bad:
+            raise DeltaTuneError(
+                f"training diverged: after its last step {what} hold NaN/inf values ({prefix}{bad[0]}); nothing was"
+                f" saved over the last good checkpoint. Lower --lr or set --grad-clip"
+            )
+
+
 def _checkpoint(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], phase: Phase) -> None:
     """The resumable checkpoint after an epoch, with what rebuilds its structure (phase, adapter sizes)."""
+    _check_finite(p, f"the weights of epoch {history[-1]['epoch']}")
     info = {
         "epoch": history[-1]["epoch"],
         "phase": phase.index,
@@ -379,38 +410,73 @@ def _write_outputs(p: Parts, cfg: TrainConfig, rt: Runtime, report: dict, histor
     report.update(measure(model, batch, cfg.benchmark_seconds, rt.amp))
     report["wall_s"] = time.perf_counter() - wall
     report["history"] = history
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_text(out / "report.json", json.dumps(report, indent=2))
     if cfg.progress:
         print(format_table([report]))
 
 
-def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
-    wall = time.perf_counter()
+def _prepare_output(cfg: TrainConfig, rt: Runtime) -> dict[str, Any] | None:
+    """Before any data or model is loaded: the output folder is writable, a killed run's temporary files are gone,
+    and a checkpoint to resume (returned) is intact and was written with these options."""
     out = Path(cfg.output_dir)
-    data = data or _load(cfg)
-    model = build_model(cfg, data.num_classes)
-    phases = plan(cfg, model)
-    total = phases[-1].end
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise DeltaTuneError(
+            f"output_dir {cfg.output_dir!r} cannot be created or written ({e.strerror or e}); choose another"
+            " --output-dir (a folder you may write to)"
+        ) from None
+    if rt.is_main:
+        remove_temporaries(out, OUTPUTS)
     saved = saved_info(out / CHECKPOINT, cfg.resume, rt.is_main and cfg.progress)
-    index = saved.get("phase", 0) if saved else 0
+    if saved:
+        check_same_config(out / CHECKPOINT, saved["config"], cfg.to_dict(), RESUME_MAY_CHANGE)
+    return saved
+
+
+def _resume_phase(cfg: TrainConfig, phases: list[Phase], saved: dict[str, Any] | None) -> Phase:
+    """The phase the checkpoint was written in, refused when its epoch and phase do not fit this run's plan."""
+    if not saved:
+        return phases[0]
+    index, epoch = saved["phase"], saved["epoch"]
     if index >= len(phases):
         raise DeltaTuneError(
             f"the checkpoint in {cfg.output_dir!r} is from phase {index + 1}, but this run has {len(phases)} phase(s):"
             " resume with the options it was started with (see its config.yaml), or drop --resume"
         )
-    current = phases[index]
+    if not phases[index].start < epoch <= phases[index].end:
+        raise DeltaTuneError(
+            f"the checkpoint in {cfg.output_dir!r} records epoch {epoch} in phase {index + 1}, which spans epochs"
+            f" {phases[index].start + 1}-{phases[index].end}: it is damaged or was edited; delete it to start over"
+        )
+    return phases[index]
+
+
+def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
+    wall = time.perf_counter()
+    out = Path(cfg.output_dir)
+    saved = _prepare_output(cfg, rt)
+    data = data or _load(cfg)
+    check_classes(data, f"dataset {cfg.dataset!r}")
+    model = build_model(cfg, data.num_classes)
+    phases = plan(cfg, model)
+    total = phases[-1].end
+    current = _resume_phase(cfg, phases, saved)
     if saved:
         restore(model, cfg, current, saved)
     p = _parts(cfg, rt, data, model, current)
     seed_all(cfg.seed + 1000 * rt.rank)  # augmentation and dropout differ between processes
-    if saved:
-        resume_state(out / CHECKPOINT, *_state(p), rt, cfg.to_dict(), rt.is_main and cfg.progress)
     start_epoch, history = (saved["epoch"], saved["history"]) if saved else (0, [])
+    if saved:
+        resume_state(out / CHECKPOINT, *_state(p), rt, rt.is_main and cfg.progress)
+        # Where the uninterrupted run's sampler stands: a pruning right after resuming draws the same batches.
+        p.train_loader.sampler.set_epoch(start_epoch - 1)  # type: ignore[union-attr]
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         # The log restarts from the checkpoint's own history: epochs after it are trained again.
-        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         if cfg.progress and not start_epoch:
             print(summary(model))
             if len(phases) > 1:
@@ -420,6 +486,7 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
             _next_phase(p, cfg, rt, phase)
         if max(start_epoch, phase.start) < phase.end:
             history = fit(p, cfg, rt, phase, max(start_epoch, phase.start), total, history)
+    _check_finite(p, "the final weights")
     report = _report(p, cfg, rt, history, phases)
     if rt.is_main:
         _write_outputs(p, cfg, rt, report, history, wall)

@@ -237,7 +237,8 @@ LIMITS: dict[str, tuple[float | None, float | None, bool]] = {
     **dict.fromkeys(("epochs", "batch_size", "max_length", "prune_batches", "img_size", "threads"), (1, None, False)),
     **dict.fromkeys(("max_train_samples", "max_eval_samples", "phases", "target_params"), (1, None, False)),
     **dict.fromkeys(("num_workers", "checkpoint_every", "eval_every", "warmup_epochs"), (0, None, False)),
-    **dict.fromkeys(("lr", "min_lr", "warmup_lr", "weight_decay", "benchmark_seconds"), (0, None, False)),
+    **dict.fromkeys(("lr", "min_lr", "warmup_lr"), (0, 1e4, False)),  # larger overflows AdamW's float32 step
+    **dict.fromkeys(("weight_decay", "benchmark_seconds"), (0, None, False)),
     **dict.fromkeys(("color_jitter", "mixup", "cutmix"), (0, None, False)),
     **dict.fromkeys(("hflip", "reprob", "smoothing"), (0, 1, False)),
     **dict.fromkeys(("grad_clip", "target_sigma"), (0, None, True)),

@@ -76,9 +76,10 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
     [
         ({**MIMI, "epochs": 2, "prune_score": "grad"}, 3),  # inside phase 2, after a pruning
         ({**MIMI, "prune_score": "activation"}, 1),  # at a phase's end: the pruning happens after resuming
+        ({**MIMI, "epochs": 2, "prune_score": "grad", "max_train_samples": 128, "prune_batches": 2}, 2),
         ({"stages": "bitfit,adapter", "epochs": 2, "threads": 1}, 2),  # at a stage's end
     ],
-    ids=["mimi-grad-mid-phase", "mimi-activation-phase-end", "stages"],
+    ids=["mimi-grad-mid-phase", "mimi-activation-phase-end", "mimi-grad-phase-end", "stages"],
 )
 def test_resume_across_phases_matches_an_uninterrupted_run(
     extra: dict, stop: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

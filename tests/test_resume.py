@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tiny_run import tiny_config
 
-from deltatune.train_state import read_info
+from deltatune.train_config import TrainConfig
+from deltatune.train_state import digest, read_info
 from deltatune.training import train
 
 # Every source of randomness: drop path (torch), RandAugment and random erasing (Python's random), mixup (numpy).
@@ -87,3 +95,154 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
 
     with pytest.raises(DeltaTuneError, match="epochs: 1 -> 2; method: 'ssf' -> 'lora'"):
         train(tiny_config(tmp_path, method="lora", epochs=2, threads=1, resume=True))
+
+
+def _tiny(out: Path, **extra: object) -> dict:
+    return tiny_config(out, epochs=2, max_train_samples=64, max_eval_samples=32, threads=1, **extra)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run stopped after epoch 1 of 2 (its checkpoint written by a 1-epoch run of the same options)."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    with pytest.MonkeyPatch.context() as m:
+        import deltatune.training as training
+
+        real = training._checkpoint
+
+        def checkpoint(*args: object) -> None:
+            real(*args)
+            raise KeyboardInterrupt
+
+        m.setattr(training, "_checkpoint", checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            train(_tiny(out, ema_decay=0.9))
+    return out
+
+
+CHANGES = {
+    "lr": 5e-3,
+    "seed": 1,
+    "epochs": 3,
+    "batch_size": 16,
+    "method_options": {"init_std": 0.1},
+    "ema_decay": 0.5,
+    "warmup_epochs": 0.0,
+    "max_train_samples": 32,
+    "model_kwargs": {"patch_size": 8, "drop_path_rate": 0.1},
+}
+
+
+@pytest.mark.parametrize(("option", "value"), CHANGES.items(), ids=list(CHANGES))
+def test_resume_refuses_changed_options(option: str, value: object, one_epoch: Path, tmp_path: Path) -> None:
+    from deltatune import DeltaTuneError
+
+    copy = tmp_path / "run"
+    shutil.copytree(one_epoch, copy)
+    old = _tiny(copy, ema_decay=0.9).get(option, TrainConfig().to_dict()[option])
+    with pytest.raises(DeltaTuneError, match=re.escape(f"{option}: {old!r} -> {value!r}")):
+        train({**_tiny(copy, ema_decay=0.9), option: value, "resume": True})
+    assert yaml.safe_load((copy / "config.yaml").read_text())[option] == old  # config.yaml keeps the run's own
+
+
+def test_resume_allows_the_options_that_change_nothing_trained(one_epoch: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(one_epoch, copy)
+    report = train({**_tiny(copy, ema_decay=0.9), "progress": True, "checkpoint_every": 2, "benchmark_seconds": 0.01, "resume": True})
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
+
+
+def _rewrite(path: Path, edit_meta: Any = None, edit_tensors: Any = None, redigest: bool = True) -> None:
+    """Edits a checkpoint's metadata and tensors; ``redigest``: as a careful editor would, with a fresh digest."""
+    with safe_open(str(path), framework="pt") as f:
+        raw, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(raw["deltatune"])
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    text = json.dumps(meta)
+    save_file(
+        tensors, path, metadata={"deltatune": text, "digest": digest(text, tensors) if redigest else raw["digest"]}
+    )
+
+
+def _drop_optimizer_state(t: dict) -> None:
+    for k in [k for k in t if k.startswith("optim/0/")]:
+        del t[k]
+
+
+def _first_param(t: dict) -> str:
+    return next(k for k in t if k.startswith("model/param/"))
+
+
+EDITS = {
+    "flipped-bit": (
+        {"edit_tensors": lambda t: t[_first_param(t)].view(-1)[:1].add_(1e-3), "redigest": False},
+        "digest",
+    ),
+    "edited-lr": ({"edit_meta": lambda m: m["optimizer_groups"][0].update(lr=1.0), "redigest": False}, "digest"),
+    "missing-key": ({"edit_tensors": lambda t: t.pop(_first_param(t))}, "does not fit this model"),
+    "epoch-out-of-range": ({"edit_meta": lambda m: m["info"].update(epoch=7)}, "records epoch 7"),
+    "epoch-not-a-number": ({"edit_meta": lambda m: m["info"].update(epoch="1")}, "no valid epoch"),
+    "no-optimizer-state": ({"edit_tensors": _drop_optimizer_state}, "lacks part of the optimizer state"),
+    "no-scheduler": ({"edit_meta": lambda m: m.pop("scheduler")}, "cannot be restored"),
+    "nan-value": ({"edit_tensors": lambda t: t[_first_param(t)].view(-1)[:1].fill_(float("nan"))}, "NaN/inf"),
+}
+
+
+@pytest.mark.parametrize(("edit", "message"), EDITS.values(), ids=list(EDITS))
+def test_edited_checkpoint_is_refused(edit: dict, message: str, one_epoch: Path, tmp_path: Path) -> None:
+    from deltatune import DeltaTuneError
+
+    copy = tmp_path / "run"
+    shutil.copytree(one_epoch, copy)
+    _rewrite(copy / "checkpoint.safetensors", **edit)
+    with pytest.raises(DeltaTuneError, match=message):
+        train({**_tiny(copy, ema_decay=0.9), "resume": True})
+
+
+def test_non_finite_weights_are_never_saved_and_the_command_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's one step leaves an inf in the weights (its loss and gradient were finite): nothing is saved."""
+    import deltatune.training as training
+    from deltatune.cli import main
+
+    real = training.make_optimizer
+
+    def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        opt = real(model, lr, weight_decay)
+        step = opt.step
+
+        def overflowing_step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            result = step(*args, **kwargs)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+            return result
+
+        opt.step = types.MethodType(overflowing_step, opt)  # type: ignore[method-assign]
+        return opt
+
+    monkeypatch.setattr(training, "make_optimizer", make_optimizer)
+    cfg = tiny_config(tmp_path, epochs=1, max_train_samples=32, threads=1)
+    assert main(_cli_args(cfg)) == 2
+    assert not (tmp_path / "checkpoint.safetensors").exists() and not (tmp_path / "delta.safetensors").exists()
+
+
+def test_leftovers_cleaned_permissions_follow_the_umask_and_symlinks_are_replaced(tmp_path: Path) -> None:
+    out, outside = tmp_path / "run", tmp_path / "outside.yaml"
+    out.mkdir()
+    leftover = out / ".checkpoint.safetensors.x1y2.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    outside.write_text("keep me\n")
+    (out / "config.yaml").symlink_to(outside)
+    old = os.umask(0o027)
+    try:
+        train(tiny_config(out, epochs=1, max_train_samples=32, threads=1))
+    finally:
+        os.umask(old)
+    assert not leftover.exists() and outside.read_text() == "keep me\n"
+    assert not (out / "config.yaml").is_symlink()
+    for name in ("checkpoint.safetensors", "config.yaml", "report.json"):  # delta files: checkpoint.py's
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o640, name

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from deltatune.core import delta_state_dict
 from deltatune.distributed import Runtime
 from deltatune.errors import DeltaTuneError
+from deltatune.phases import Phase
+from deltatune.train_config import RESUME_MAY_CHANGE, TrainConfig
 
 FORMAT = "deltatune-train-state"
 
@@ -338,3 +340,42 @@ def resume_state(
     info = load_state(path, model, optimizer, scheduler, ema, rt.rank)
     if announce:
         print(f"resumed from {path} after epoch {info['epoch']}")
+
+
+def prepare_output(cfg: TrainConfig, rt: Runtime, checkpoint: str, outputs: list[str]) -> dict[str, Any] | None:
+    """Before any data or model is loaded: the output folder is writable, a killed run's temporary files are gone,
+    and a checkpoint to resume (returned) is intact and was written with these options."""
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise DeltaTuneError(
+            f"output_dir {cfg.output_dir!r} cannot be created or written ({e.strerror or e}); choose another"
+            " --output-dir (a folder you may write to)"
+        ) from None
+    if rt.is_main:
+        remove_temporaries(out, outputs)
+    saved = saved_info(out / checkpoint, cfg.resume, rt.is_main and cfg.progress)
+    if saved:
+        check_same_config(out / checkpoint, saved["config"], cfg.to_dict(), RESUME_MAY_CHANGE)
+    return saved
+
+
+def resume_phase(cfg: TrainConfig, phases: list[Phase], saved: dict[str, Any] | None) -> Phase:
+    """The phase the checkpoint was written in, refused when its epoch and phase do not fit this run's plan."""
+    if not saved:
+        return phases[0]
+    index, epoch = saved["phase"], saved["epoch"]
+    if index >= len(phases):
+        raise DeltaTuneError(
+            f"the checkpoint in {cfg.output_dir!r} is from phase {index + 1}, but this run has {len(phases)} phase(s):"
+            " resume with the options it was started with (see its config.yaml), or drop --resume"
+        )
+    if not phases[index].start < epoch <= phases[index].end:
+        raise DeltaTuneError(
+            f"the checkpoint in {cfg.output_dir!r} records epoch {epoch} in phase {index + 1}, which spans epochs"
+            f" {phases[index].start + 1}-{phases[index].end}: it is damaged or was edited; delete it to start over"
+        )
+    return phases[index]

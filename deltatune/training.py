@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,15 +50,8 @@ from deltatune.methods.prefix import stored_form
 from deltatune.phases import Phase, describe, enter_stage, plan, prune, restore
 from deltatune.pruning import adapter_sizes
 from deltatune.report import format_table, measure, plot_allocation
-from deltatune.train_config import RESUME_MAY_CHANGE, TrainConfig
-from deltatune.train_state import (
-    check_same_config,
-    remove_temporaries,
-    resume_state,
-    saved_info,
-    write_checkpoint,
-    write_text,
-)
+from deltatune.train_config import TrainConfig
+from deltatune.train_state import prepare_output, resume_phase, resume_state, write_checkpoint, write_text
 
 __all__ = ["TrainConfig", "build_model", "cosine_lr", "evaluate", "fit", "make_optimizer", "train"]
 CHECKPOINT = "checkpoint.safetensors"
@@ -415,55 +407,16 @@ def _write_outputs(p: Parts, cfg: TrainConfig, rt: Runtime, report: dict, histor
         print(format_table([report]))
 
 
-def _prepare_output(cfg: TrainConfig, rt: Runtime) -> dict[str, Any] | None:
-    """Before any data or model is loaded: the output folder is writable, a killed run's temporary files are gone,
-    and a checkpoint to resume (returned) is intact and was written with these options."""
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise DeltaTuneError(
-            f"output_dir {cfg.output_dir!r} cannot be created or written ({e.strerror or e}); choose another"
-            " --output-dir (a folder you may write to)"
-        ) from None
-    if rt.is_main:
-        remove_temporaries(out, OUTPUTS)
-    saved = saved_info(out / CHECKPOINT, cfg.resume, rt.is_main and cfg.progress)
-    if saved:
-        check_same_config(out / CHECKPOINT, saved["config"], cfg.to_dict(), RESUME_MAY_CHANGE)
-    return saved
-
-
-def _resume_phase(cfg: TrainConfig, phases: list[Phase], saved: dict[str, Any] | None) -> Phase:
-    """The phase the checkpoint was written in, refused when its epoch and phase do not fit this run's plan."""
-    if not saved:
-        return phases[0]
-    index, epoch = saved["phase"], saved["epoch"]
-    if index >= len(phases):
-        raise DeltaTuneError(
-            f"the checkpoint in {cfg.output_dir!r} is from phase {index + 1}, but this run has {len(phases)} phase(s):"
-            " resume with the options it was started with (see its config.yaml), or drop --resume"
-        )
-    if not phases[index].start < epoch <= phases[index].end:
-        raise DeltaTuneError(
-            f"the checkpoint in {cfg.output_dir!r} records epoch {epoch} in phase {index + 1}, which spans epochs"
-            f" {phases[index].start + 1}-{phases[index].end}: it is damaged or was edited; delete it to start over"
-        )
-    return phases[index]
-
-
 def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     wall = time.perf_counter()
     out = Path(cfg.output_dir)
-    saved = _prepare_output(cfg, rt)
+    saved = prepare_output(cfg, rt, CHECKPOINT, OUTPUTS)
     data = data or _load(cfg)
     check_classes(data, f"dataset {cfg.dataset!r}")
     model = build_model(cfg, data.num_classes)
     phases = plan(cfg, model)
     total = phases[-1].end
-    current = _resume_phase(cfg, phases, saved)
+    current = resume_phase(cfg, phases, saved)
     if saved:
         restore(model, cfg, current, saved)
     p = _parts(cfg, rt, data, model, current)

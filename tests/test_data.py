@@ -60,7 +60,7 @@ def test_vtab_errors_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(DeltaTuneError, match=r"split 'train1000' unknown"):
         load_data("vtab", str(task), train_split="train1000")
     (task / "test.txt").write_text("images/test/0.png\n")
-    with pytest.raises(DeltaTuneError, match=r"test.txt' line 1: expected '<image path> <integer label>'"):
+    with pytest.raises(DeltaTuneError, match=r"test.txt' line 1: expected '<image path> <class id>'"):
         load_data("vtab", str(task))
     (task / "test.txt").write_text("images/test/missing.png 0\n")
     with pytest.raises(DeltaTuneError, match=r"do not exist.*missing.png"):

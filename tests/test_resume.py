@@ -148,7 +148,15 @@ def test_resume_refuses_changed_options(option: str, value: object, one_epoch: P
 def test_resume_allows_the_options_that_change_nothing_trained(one_epoch: Path, tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(one_epoch, copy)
-    report = train({**_tiny(copy, ema_decay=0.9), "progress": True, "checkpoint_every": 2, "benchmark_seconds": 0.01, "resume": True})
+    report = train(
+        {
+            **_tiny(copy, ema_decay=0.9),
+            "progress": True,
+            "checkpoint_every": 2,
+            "benchmark_seconds": 0.01,
+            "resume": True,
+        }
+    )
     assert [h["epoch"] for h in report["history"]] == [1, 2]
 
 

@@ -147,7 +147,9 @@ class TrainConfig:
     output_dir: str = "runs/train"
     """Where the delta file, checkpoint, log.jsonl and report.json go."""
     resume: bool = False
-    """Continue from output_dir/checkpoint.safetensors if it exists (same result as an uninterrupted run)."""
+    """Continue from output_dir/checkpoint.safetensors if it exists (same result as an uninterrupted run). The file's
+    digest is checked, and every option but threads, num_workers, progress, checkpoint_every, benchmark_seconds,
+    download and output_dir must be the run's own (a changed one is refused, listed as old -> new)."""
     checkpoint_every: int = 1
     """Save a resumable checkpoint every N epochs (0: never)."""
     eval_every: int = 1

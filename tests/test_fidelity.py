@@ -1,0 +1,120 @@
+"""Fidelity to the official code (issue 12, items 10-14, 16): each method against a hand-written reference of its
+official forward, init or count, never against deltatune's own output."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_backbone, make_input, perturb_deltas, rel_err
+from torch import nn
+
+import deltatune
+
+
+def _adaptformer_branch(w: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The official AdaptFormer adapter (eval, ``adapter_layernorm_option="none"``): s * up(relu(down(x)))."""
+    h = torch.relu(x @ w.adaptformer_down.weight.T + w.adaptformer_down.bias)
+    return 0.1 * (h @ w.adaptformer_up.weight.T + w.adaptformer_up.bias)
+
+
+def test_adaptformer_branch_reads_the_residual_stream_as_the_official_vit_block() -> None:
+    model = deltatune.apply(make_backbone("vit"), "adaptformer")
+    perturb_deltas(model, std=0.3)
+    x = make_input("vit")
+    with torch.no_grad():
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for block in model.blocks:  # official Block.forward, ffn_option="parallel"
+            h = h + block.attn(block.norm1(h))
+            adapt = _adaptformer_branch(block.mlp, h)  # reads x, not norm2(x)
+            h = h + block.mlp.base(block.norm2(h)) + adapt
+        expected = model.forward_head(model.norm(h))
+        assert rel_err(model(x), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("kind,mlp", [("swin", "layers.0.blocks.0.mlp"), ("mixer", "blocks.0.mlp_channels")])
+def test_adaptformer_swin_and_mixer_branch_reads_the_input_of_norm2(kind: str, mlp: str) -> None:
+    model = deltatune.apply(make_backbone(kind), "adaptformer")
+    perturb_deltas(model, std=0.3)
+    wrapper = model.get_submodule(mlp)
+    norm2 = model.get_submodule(mlp.rpartition(".")[0] + ".norm2")
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(key: str, t: torch.Tensor) -> None:
+        seen[key] = t
+
+    norm2.register_forward_pre_hook(lambda m, a: keep("stream", a[0]))
+    wrapper.register_forward_hook(lambda m, a, o: keep("in", a[0]) or keep("out", o))
+    with torch.no_grad():
+        model(make_input(kind))
+        expected = wrapper.base(seen["in"]) + _adaptformer_branch(wrapper, seen["stream"])
+    assert torch.allclose(seen["out"], expected, atol=1e-6)
+    assert not torch.allclose(seen["in"], seen["stream"])  # norm2 changes the input: the test can tell them apart
+
+
+def _vit48() -> nn.Module:
+    """A tiny timm ViT whose width (48) the official PHM-adapter n = 12 divides."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", embed_dim=48, depth=2, num_heads=3, img_size=32, patch_size=8)
+
+
+def _phm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for n, m in model.named_modules() if n.endswith(("phm_down", "phm_up"))]
+
+
+def test_phm_adapter_defaults_to_the_official_n12_and_rule_std() -> None:
+    layers = _phm_layers(deltatune.apply(_vit48(), "phm-adapter"))
+    rules = torch.cat([m.rule.flatten() for m in layers])
+    assert layers[0].rule.shape == (12, 12, 12)  # n = 12
+    assert 0.009 < rules.std().item() < 0.011  # N(0, 0.01), 8 layers x 1728 values
+
+
+def test_compacter_shared_rule_starts_n0_1e4() -> None:
+    layers = _phm_layers(deltatune.apply(_vit48(), "compacter"))
+    rule = layers[0].rule
+    assert rule.shape == (4, 4, 4) and all(m.rule is rule for m in layers)
+    assert 0.6e-4 < rule.std().item() < 1.5e-4  # 64 values of N(0, 1e-4)
+
+
+@pytest.mark.parametrize("method", ["phm-adapter", "compacter"])
+def test_phm_fast_weights_are_glorot_uniform_with_gain_sqrt2(method: str) -> None:
+    """xavier_uniform_(gain=sqrt 2) per Kronecker factor: U(-b, b), b = sqrt(2) * sqrt(6 / (fan_in + fan_out))."""
+    fractions = []
+    for m in _phm_layers(deltatune.apply(_vit48(), method)):
+        for t in [m.left, m.right] if method == "compacter" else [m.fast]:
+            for slice_ in t:  # (fan_in, fan_out) per i
+                bound = math.sqrt(2.0) * math.sqrt(6.0 / (slice_.shape[0] + slice_.shape[1]))
+                assert slice_.abs().max().item() <= bound
+                fractions.append((slice_.abs() > bound / math.sqrt(2.0)).float().flatten())
+    beyond_gain1 = torch.cat(fractions).mean().item()
+    assert abs(beyond_gain1 - (1 - 1 / math.sqrt(2.0))) < 0.06  # U(-b, b): P(|v| > b / sqrt 2) = 0.293
+
+
+def test_mimi_init_is_n0_002_truncated_at_absolute_2() -> None:
+    """timm's trunc_normal_(std=0.02) keeps its default bounds a=-2, b=2 (absolute), so the draw is N(0, 0.02)."""
+    torch.manual_seed(0)
+    model = deltatune.apply(make_backbone("vit"), "mimi")  # sigma 4: 6 blocks x 2 adapters x (64x16 + 16x64)
+    w = torch.cat([p.flatten() for n, p in model.named_parameters() if "adapter_" in n])
+    assert w.numel() == 6 * 2 * 2 * 64 * 16
+    assert abs(w.std().item() - 0.02) < 0.0006  # a cut at +-2 std would give std 0.0176
+    assert (w.abs() > 2 * 0.02).float().mean().item() > 0.03  # N(0, 1): P(|z| > 2) = 0.0455; cut at 2 std: 0
+
+
+@pytest.mark.parametrize("kind,widths,sigma,expected", [("vit", [64], 5.0, [12]), ("swin", [16, 32], 6.0, [10, 21])])
+def test_mimi_start_sizes_floor(kind: str, widths: list[int], sigma: float, expected: list[int]) -> None:
+    """Official: hidden = int(d / sigma) (Swin int(4d / sigma)): 64/5 = 12.8 -> 12; 64/6 = 10.7 -> 10; 128/6 = 21.3."""
+    model = deltatune.apply(make_backbone(kind), "mimi", sigma=sigma, target_sigma=None)
+    sizes = sorted({m.hidden for n, m in model.named_modules() if hasattr(m, "adapter_down")})
+    assert sizes == expected
+
+
+def test_mimi_global_prune_keeps_the_floor_of_the_kept_fraction() -> None:
+    """ViT, sigma 5: 12 adapters x 12 = 144 neurons; pruning 0.3 keeps floor(144 * 0.7) = floor(100.8) = 100."""
+    model = deltatune.apply(make_backbone("vit"), "mimi", sigma=5.0, target_sigma=None)
+    sizes = deltatune.prune_adapters(model, 0.3)
+    assert sum(sizes.values()) == 100
+    local = deltatune.apply(make_backbone("vit"), "mimi", sigma=5.0, target_sigma=None)
+    assert set(deltatune.prune_adapters(local, 0.3, scope="local").values()) == {8}  # floor(12 * 0.7) = floor(8.4)

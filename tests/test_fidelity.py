@@ -118,3 +118,30 @@ def test_mimi_global_prune_keeps_the_floor_of_the_kept_fraction() -> None:
     assert sum(sizes.values()) == 100
     local = deltatune.apply(make_backbone("vit"), "mimi", sigma=5.0, target_sigma=None)
     assert set(deltatune.prune_adapters(local, 0.3, scope="local").values()) == {8}  # floor(12 * 0.7) = floor(8.4)
+
+
+def test_ssf_convnext_last_site_is_the_feature_map_before_pooling_as_official() -> None:
+    model = deltatune.apply(make_backbone("convnext"), "ssf")
+    perturb_deltas(model, std=0.3)
+    assert not deltatune.core.is_delta(model.head.norm)  # the head's norm is not a site
+    site = model.norm_pre
+    x = make_input("convnext")
+    with torch.no_grad():
+        feats = model.stages(model.stem(x))  # (B, C, H, W), every inner site active
+        scale, shift = site.ssf_scale.view(1, -1, 1, 1), site.ssf_shift.view(1, -1, 1, 1)
+        pooled = (feats * scale + shift).mean((2, 3))  # official forward_features: SSF, then pool, then norm
+        normed = nn.functional.layer_norm(pooled, pooled.shape[1:], model.head.norm.weight, model.head.norm.bias, 1e-6)
+        expected = normed @ model.head.fc.weight.T + model.head.fc.bias
+        assert rel_err(model(x), expected) <= 1e-5
+
+
+def test_ssf_convnext_merge_keeps_only_the_feature_map_site_and_is_exact() -> None:
+    model = deltatune.apply(make_backbone("convnext"), "ssf")
+    perturb_deltas(model, std=0.3)
+    x = make_input("convnext")
+    with torch.no_grad():
+        before = model(x)
+        with pytest.warns(UserWarning, match=r"cannot be merged.*norm_pre \(ssf\)"):
+            deltatune.merge(model)
+        assert rel_err(model(x), before) <= 1e-5
+    assert [n for n, _ in deltatune.core.delta_modules(model)] == ["norm_pre"]

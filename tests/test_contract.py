@@ -72,7 +72,8 @@ def test_merge_matches_unmerged(method: str, kind: str) -> None:
         assert sum(p.numel() for p in model.parameters()) == plain_count + extra
         layout = {n: type(m) for n, m in make_backbone(kind).named_modules()}
         plain = {n: t for n, t in layout.items() if n not in kept}
-        outside = {n: type(m) for n, m in model.named_modules() if not any(n.startswith(k) for k in kept)}
+        inside = {n for n, _ in model.named_modules() for k in kept if n == k or n.startswith(k + ".")}
+        outside = {n: type(m) for n, m in model.named_modules() if n not in inside}
         assert outside == plain  # the plain architecture, module for module, outside the kept wrappers
         assert {n: type(m.base) for n, m in kept.items()} == {n: layout[n] for n in kept}
         assert all(f"{n} ({m.delta_method})" in str(w.message) for n, m in kept.items() for w in caught)

@@ -118,7 +118,9 @@ class SSF(nn.Module):
 
     delta_method = "ssf"
 
-    def __init__(self, base: nn.Module, init_std: float = 0.02, channels: int | None = None, like: Tensor | None = None):
+    def __init__(
+        self, base: nn.Module, init_std: float = 0.02, channels: int | None = None, like: Tensor | None = None
+    ) -> None:
         """``channels``/``like``: for a base without weights (a feature map's Identity: NCHW), its channels and a
         tensor whose device and dtype the SSF takes."""
         super().__init__()

@@ -145,3 +145,40 @@ def test_ssf_convnext_merge_keeps_only_the_feature_map_site_and_is_exact() -> No
             deltatune.merge(model)
         assert rel_err(model(x), before) <= 1e-5
     assert [n for n, _ in deltatune.core.delta_modules(model)] == ["norm_pre"]
+
+
+def _bert_batch() -> dict[str, torch.Tensor]:
+    batch = make_input("bert")
+    types = torch.zeros_like(batch["input_ids"])
+    types[:, 6:] = 1  # a second segment, so that the prompts' token type matters
+    return {**batch, "token_type_ids": types}
+
+
+def test_prompt_input_insertion_equals_peft_prompt_tuning() -> None:
+    """peft PromptTuningConfig (SEQ_CLS): prompts prepended to the word embeddings, mask ones, token type 0; the
+    prompts then get positions 0..p-1 and the embedding LayerNorm, and the pooler reads the first prompt."""
+    import copy
+
+    from peft import PromptTuningConfig, get_peft_model
+
+    backbone = make_backbone("bert")
+    reference = get_peft_model(copy.deepcopy(backbone), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5))
+    model = deltatune.apply(backbone, "prompt", num_tokens=5, insert="input")
+    perturb_deltas(model, std=0.5)
+    with torch.no_grad():
+        reference.prompt_encoder["default"].embedding.weight.copy_(model.bert.embeddings.prompt_tokens)
+        reference.base_model.classifier.modules_to_save["default"].load_state_dict(model.classifier.state_dict())
+        batch = _bert_batch()
+        expected = reference(**batch).logits
+        assert rel_err(model(**batch).logits, expected) <= 1e-6
+
+
+def test_prompt_init_copies_word_embedding_rows_as_opendelta() -> None:
+    backbone = make_backbone("bert")  # vocabulary 99
+    words = backbone.bert.embeddings.word_embeddings.weight.detach().clone()
+    model = deltatune.apply(backbone, "prompt", num_tokens=5)
+    assert torch.equal(model.bert.embeddings.prompt_tokens, words[:5])  # OpenDelta: rows 0..p-1
+    cycled = deltatune.apply(make_backbone("bert"), "prompt", num_tokens=120).bert.embeddings.prompt_tokens
+    assert torch.equal(cycled, torch.cat([words, words[:21]]))  # more prompts than words: the rows again
+    uniform = deltatune.apply(make_backbone("bert"), "prompt", num_tokens=5, init="uniform").bert.embeddings
+    assert uniform.prompt_tokens.abs().max() <= 0.5 and not torch.equal(uniform.prompt_tokens, words[:5])

@@ -182,3 +182,14 @@ def test_prompt_init_copies_word_embedding_rows_as_opendelta() -> None:
     assert torch.equal(cycled, torch.cat([words, words[:21]]))  # more prompts than words: the rows again
     uniform = deltatune.apply(make_backbone("bert"), "prompt", num_tokens=5, init="uniform").bert.embeddings
     assert uniform.prompt_tokens.abs().max() <= 0.5 and not torch.equal(uniform.prompt_tokens, words[:5])
+
+
+def test_vpt_swin_init_bound_uses_the_first_stage_width_for_every_stage() -> None:
+    """Official: val = sqrt(6 / (3 * patch^2 + embed_dim)) with the first stage's embed_dim (16), patch 4."""
+    torch.manual_seed(0)
+    model = deltatune.apply(make_backbone("swin"), "vpt-deep", num_tokens=200)
+    val = math.sqrt(6.0 / (3 * 4 * 4 + 16))
+    prompts = [m.vpt_prompt for _, m in deltatune.core.delta_modules(model)]
+    assert {p.shape[1] for p in prompts} == {16, 32}
+    for p in prompts:  # U(-val, val): the max |value| of 3200+ draws lies within 1% of val
+        assert val * 0.99 < p.abs().max().item() <= val

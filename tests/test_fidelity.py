@@ -103,8 +103,8 @@ def test_mimi_init_is_n0_002_truncated_at_absolute_2() -> None:
     assert (w.abs() > 2 * 0.02).float().mean().item() > 0.03  # N(0, 1): P(|z| > 2) = 0.0455; cut at 2 std: 0
 
 
-@pytest.mark.parametrize("kind,widths,sigma,expected", [("vit", [64], 5.0, [12]), ("swin", [16, 32], 6.0, [10, 21])])
-def test_mimi_start_sizes_floor(kind: str, widths: list[int], sigma: float, expected: list[int]) -> None:
+@pytest.mark.parametrize("kind,sigma,expected", [("vit", 5.0, [12]), ("swin", 6.0, [10, 21])])
+def test_mimi_start_sizes_floor(kind: str, sigma: float, expected: list[int]) -> None:
     """Official: hidden = int(d / sigma) (Swin int(4d / sigma)): 64/5 = 12.8 -> 12; 64/6 = 10.7 -> 10; 128/6 = 21.3."""
     model = deltatune.apply(make_backbone(kind), "mimi", sigma=sigma, target_sigma=None)
     sizes = sorted({m.hidden for n, m in model.named_modules() if hasattr(m, "adapter_down")})

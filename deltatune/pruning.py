@@ -9,6 +9,7 @@ optimizer, carries its state over to the surviving neurons.
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -93,12 +94,17 @@ def _removed_sites(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def _floor_keep(total: int, amount: float) -> int:
+    """floor(total * (1 - amount)) as the official MiMi code counts, forgiving float error just below an integer."""
+    return math.floor(total * (1 - amount) + 1e-9)
+
+
 def _keep_counts(model: nn.Module, found: list, scores: dict[str, Tensor], amount: float, scope: str) -> dict:
     """How many neurons each adapter keeps."""
     if scope == "local":
-        return {n: min(a.hidden, round(a.original_hidden * (1 - amount))) for n, a in found}
+        return {n: min(a.hidden, _floor_keep(a.original_hidden, amount)) for n, a in found}
     total = sum(a.original_hidden for _, a in found) + sum(_removed_sites(model).values())
-    keep_total = min(sum(a.hidden for _, a in found), round(total * (1 - amount)))
+    keep_total = min(sum(a.hidden for _, a in found), _floor_keep(total, amount))
     flat = torch.cat([scores[n] for n, _ in found])
     order = torch.argsort(flat, descending=True, stable=True)[:keep_total]
     owner = torch.cat([torch.full((a.hidden,), i) for i, (_, a) in enumerate(found)])

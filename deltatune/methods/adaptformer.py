@@ -3,7 +3,7 @@ https://arxiv.org/abs/2205.13535
 
 A bottleneck branch runs in parallel with every block's MLP and its scaled output is added to the MLP's::
 
-    x_out = x + MLP(x_mlp_in) + s * W_up dropout(ReLU(W_down x_in))        s = 0.1, hidden 64
+    x = x + attn(norm1(x));   x = x + MLP(norm2(x)) + s * W_up dropout(ReLU(W_down x))        s = 0.1, hidden 64
 
 W_down (h, d) and W_up (d, h) have biases; W_down is kaiming-uniform (the official "lora" init), W_up and the biases
 are zeros, so the model's output is unchanged at init. Not mergeable: a ReLU sits between the two matrices.
@@ -13,11 +13,14 @@ Where the branch reads its input, by backbone:
 - HF BERT: the wrapper sits on the FFN's output module (``BertOutput``), which receives the FFN input
   ``x`` as ``input_tensor``; the branch reads that ``x`` (un-normalised, the official default) and its output joins
   before the residual add (and before BERT's post-LayerNorm), exactly as in the paper's figure.
-- timm ViT / Swin / HF ViT (and, beyond the paper, ConvNeXt's ``mlp`` and Mixer's channel MLP): the wrapper sits on the
-  MLP and reads its input, i.e. after the block's frozen ``norm2`` (the official ``adapter_layernorm_option="in"``
-  variant, with the frozen norm). A wrapper around ``mlp`` cannot see the un-normalised residual stream, and
-  wrapping the whole block would hide its layers from other methods. The branch also passes through the block's
-  drop-path (inactive at eval).
+- timm ViT / Swin / Mixer and HF ViT: the wrapper sits on the MLP and the branch reads the block's residual stream
+  ``x``, the input of the MLP's sibling norm (``norm2``; HF ViT ``layernorm_after``), as the official code does
+  (``ffn_adapter_layernorm_option="none"``). A forward pre-hook on that norm hands its input to the wrapper, so the
+  wrapper stays a leaf and other methods can still target the layers inside the block. The branch's output joins
+  the MLP's, so it passes through the block's layer scale and drop-path (identity in plain ViT/Swin at inference;
+  the official code adds the branch after the drop-path).
+- ConvNeXt ``mlp`` (beyond the paper): there is no residual stream at the MLP's input, so the branch reads the MLP's
+  input (the block's normalised depth-wise conv output).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import register, require
-from deltatune.targeting import Targets, config_sites, family, innermost, set_module
+from deltatune.targeting import Targets, config_sites, family, get_module, innermost, set_module
 
 PRESETS: dict[str, Targets] = {
     "vit": ["mlp"],
@@ -42,6 +45,7 @@ PRESETS: dict[str, Targets] = {
     "hf-vit": r".*layers\.\d+\.mlp",  # transformers 5.x ViT: a timm-like mlp (fc1, fc2)
 }
 HF_FAMILIES = ("bert",)  # families whose FFN output module takes (intermediate_output, input_tensor)
+STREAM_NORMS = ("norm2", "layernorm_after")  # the MLP's sibling norm, whose input is the block's residual stream
 
 
 @register("adaptformer")
@@ -72,8 +76,22 @@ class AdaptFormerConfig:
         sites = config_sites(model, self, PRESETS, (nn.Module,), skip)
         hf = family(model) in HF_FAMILIES
         for name, module in sites:
-            set_module(model, name, AdaptFormer(module, _width(name, innermost(module)), self, hf))
+            wrapper = AdaptFormer(module, _width(name, innermost(module)), self, hf)
+            norm = None if hf else _stream_norm(model, name)
+            if norm is not None:
+                wrapper.tap(norm)
+            set_module(model, name, wrapper)
         return Applied([n for n, _ in sites])
+
+
+def _stream_norm(model: nn.Module, name: str) -> nn.Module | None:
+    """The plain norm beside the MLP at ``name`` whose input is the residual stream, or None (e.g. ConvNeXt)."""
+    parent = get_module(model, name.rpartition(".")[0]) if "." in name else model
+    for attr in STREAM_NORMS:
+        norm = getattr(parent, attr, None)
+        if isinstance(norm, nn.Module):
+            return innermost(norm)  # the plain norm: its input is the same whatever wraps it, and it outlives merges
+    return None
 
 
 def _width(name: str, layer: nn.Module) -> int:
@@ -88,7 +106,7 @@ def _width(name: str, layer: nn.Module) -> int:
 
 
 class AdaptFormer(nn.Module):
-    """Wraps an MLP (or an HF FFN output module): adds ``s * up(dropout(relu(down(x))))`` of the MLP's input."""
+    """Wraps an MLP (or an HF FFN output module): adds ``s * up(dropout(relu(down(x))))`` of the residual stream."""
 
     delta_method = "adaptformer"
 
@@ -96,6 +114,7 @@ class AdaptFormer(nn.Module):
         super().__init__()
         self.base, self.delta_stage = base, None
         self.scale, self.hf_output = cfg.scale, hf_output
+        self.tapped, self._stream = False, None  # tapped: the branch reads the input its norm hook hands over
         ref = next(innermost(base).parameters())
         kw = {"device": ref.device, "dtype": ref.dtype}
         self.adaptformer_down = nn.Linear(d, cfg.hidden, **kw)
@@ -112,9 +131,30 @@ class AdaptFormer(nn.Module):
         h = self.adaptformer_dropout(self.adaptformer_act(self.adaptformer_down(x)))  # (..., hidden)
         return self.adaptformer_up(h) * self.scale
 
+    def tap(self, norm: nn.Module) -> None:
+        """Hooks the block's norm so that the branch reads the norm's input, the residual stream."""
+        # A bound method (not a closure), so that copy.deepcopy of the model hooks the copied wrapper.
+        norm.register_forward_pre_hook(self._take_stream)
+        self.tapped = True
+
+    def _take_stream(self, _norm: nn.Module, args: tuple) -> None:
+        self._stream = args[0]
+
+    def _branch_input(self, mlp_input: Tensor) -> Tensor:
+        if not self.tapped:
+            return mlp_input
+        x, self._stream = self._stream, None  # consumed: the wrapper keeps no activation after the forward
+        if x is None:
+            raise DeltaTuneError(
+                "adaptformer: the MLP ran without its block's norm2 (the branch reads the norm's input); "
+                "call the whole block, or set target_modules to MLPs without a sibling norm2"
+            )
+        return x
+
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not self.hf_output:
-            return self.base(hidden_states, *args, **kwargs) + self.branch(hidden_states)
+            x = self._branch_input(hidden_states)  # the residual stream (un-normalised), as the official code
+            return self.base(hidden_states, *args, **kwargs) + self.branch(x)
         # HF FFN output module: forward(intermediate_output, input_tensor) -> [LN](dense(h) + input_tensor)
         if args:
             x, rest = args[0], args[1:]

@@ -7,7 +7,9 @@ fraction ``p_t = 1 - (1 - rho)^(t+1)`` of the original neurons, ranked by the no
     s_i = (sum_j |W_down[i, j]| + sum_j |W_up[j, i]|) / (d_in + d_out)
 
 until the target size is reached. Pruned neurons are removed from the matrices and empty adapters are removed
-(see ``deltatune.pruning``). The adapters themselves are ``deltatune.methods.adapter.Adapter``.
+(see ``deltatune.pruning``). The adapters themselves are ``deltatune.methods.adapter.Adapter``; as in the official
+code their start size is ``floor(d / sigma)`` (Swin: ``floor(4d / sigma)``, at least 1) and both matrices start
+``trunc_normal_(std=0.02)`` with timm's default ABSOLUTE bounds +-2 (so effectively N(0, 0.02), not cut at 2 std).
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
+from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
-from deltatune.methods.adapter import AdapterConfig
+from deltatune.methods.adapter import Adapter, AdapterConfig
 from deltatune.registry import register, require
+from deltatune.targeting import family, get_module, innermost
+
+TRUNC_BOUND = 2.0  # timm's trunc_normal_ default: a=-2, b=2, absolute values (not multiples of std)
 
 
 @register("mimi")
@@ -52,6 +61,26 @@ class MiMiConfig(AdapterConfig):
         require(self, self.phases is None or self.phases >= 1, "phases", ">= 1")
         if self.target_sigma is not None and self.target_sigma < self.sigma:
             raise DeltaTuneError(f"mimi: target_sigma {self.target_sigma} is below the start sigma {self.sigma}")
+
+    def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
+        """The core adapters, re-drawn as the official code inits them: trunc-normal(0, std) cut at absolute +-2."""
+        applied = super().apply(model, skip)
+        with torch.no_grad():
+            for name in applied.sites:
+                adapter = get_module(model, name)
+                if isinstance(adapter, Adapter):
+                    for lin in (adapter.adapter_down, adapter.adapter_up):
+                        nn.init.trunc_normal_(lin.weight, std=self.init_std, a=-TRUNC_BOUND, b=TRUNC_BOUND)
+                    if self.zero_up:
+                        nn.init.zeros_(adapter.adapter_up.weight)
+        return applied
+
+    def original_size(self, model: nn.Module, site: nn.Module) -> int:
+        """Start size as the official code: ``hidden``, or floor(d / sigma) (Swin: floor(4d / sigma)), at least 1."""
+        mult = 4 if family(model) == "swin" else 1
+        layer = innermost(site)
+        d = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        return self.hidden or max(1, math.floor(mult * d / self.sigma))
 
     def keep_target(self, start_params: int) -> float:
         """The fraction of the original neurons to keep at the end."""

@@ -12,8 +12,10 @@ with A_i (n, n) the "slow" rule matrices and B_i (in/n, out/n) the "fast" weight
 - ``compacter``: one A shared by every PHM layer of the model, and rank-1 fast weights B_i = s_i t_i^T:
   (in + out) weights per layer, n^3 once.
 
-Init as the official code: A ~ N(0, 0.01), B (or s, t) glorot-uniform per i, biases zero. Hidden size d / sigma
-(Swin: 4d / sigma, as the core adapter), rounded to a multiple of n (at least n); d must be divisible by n.
+Defaults and init as the official configs: n = 12 for the PHM-adapter, n = 4 for Compacter; A ~ N(0, 0.01) per layer
+(PHM-adapter), N(0, 1e-4) for Compacter's shared A; B (or s, t) glorot-uniform with gain sqrt(2) per i; biases zero.
+Hidden size d / sigma (Swin: 4d / sigma, as the core adapter), rounded to a multiple of n (at least n); d must be
+divisible by n (the tiny test models, d = 64 or 32, need n = 4 or 8 for the PHM-adapter).
 Not mergeable: a nonlinearity sits between the two matrices.
 """
 
@@ -38,7 +40,8 @@ class _PHMOptions:
     """Options shared by ``phm-adapter`` and ``compacter``."""
 
     n: int = 4
-    """Number of Kronecker summands (the hypercomplex dimension); divides d and the hidden size."""
+    """Number of Kronecker summands (the hypercomplex dimension); divides d and the hidden size. Official: PHM-adapter
+    12, Compacter 4."""
     hidden: int | None = None
     """Hidden size of every adapter (a multiple of n); None: d / sigma rounded to a multiple of n."""
     sigma: float = 32.0
@@ -46,7 +49,7 @@ class _PHMOptions:
     act: str = "gelu"
     """Activation between the two PHM layers: gelu, relu, silu, tanh or identity."""
     rule_std: float = 0.01
-    """Std of the normal init of the rule matrices A."""
+    """Std of the normal init of the rule matrices A (official: 0.01 per layer, 1e-4 for Compacter's shared A)."""
     target_modules: Targets | None = None
     """Sites: layers whose output the adapter follows. Default: the core adapter's (attention and MLP outputs)."""
     exclude_modules: Targets | None = None
@@ -90,6 +93,9 @@ class _PHMOptions:
 class PHMAdapterConfig(_PHMOptions):
     """Adapter whose matrices are sums of n Kronecker products, each layer with its own rule (PHM-Adapter)."""
 
+    n: int = 12
+    """Number of Kronecker summands; divides d and the hidden size (official PHM-adapter config: 12)."""
+
     shared_rule: ClassVar[bool] = False
 
 
@@ -98,12 +104,15 @@ class PHMAdapterConfig(_PHMOptions):
 class CompacterConfig(_PHMOptions):
     """Adapter with a model-wide shared PHM rule and rank-1 fast weights (Compacter)."""
 
+    rule_std: float = 1e-4
+    """Std of the normal init of the shared rule A (official Compacter: 1e-4)."""
+
     shared_rule: ClassVar[bool] = True
 
 
 def _glorot_(t: Tensor) -> Tensor:
-    """Glorot-uniform init of each (fan_in, fan_out) slice of a (n, fan_in, fan_out) tensor."""
-    bound = (6.0 / (t.shape[-2] + t.shape[-1])) ** 0.5
+    """Glorot-uniform init with gain sqrt(2) (the official code's) of each (fan_in, fan_out) slice of (n, in, out)."""
+    bound = (2.0 * 6.0 / (t.shape[-2] + t.shape[-1])) ** 0.5
     return nn.init.uniform_(t, -bound, bound)
 
 

@@ -1,20 +1,31 @@
 """Prompt tuning: "The Power of Scale for Parameter-Efficient Prompt Tuning" (Lester, Al-Rfou, Constant, EMNLP 2021).
-https://arxiv.org/abs/2104.08691 (defaults as OpenDelta's soft prompt: 100 tokens, U(-0.5, 0.5)).
+https://arxiv.org/abs/2104.08691 (defaults as OpenDelta's soft prompt: 100 tokens, copies of word-embedding rows).
 
 p learnable vectors P (p, d) join the encoder's input sequence, and the attention mask grows by p ones::
 
     [e_1, ..., e_L] -> [e_1, ..., e_{i-1}, P, e_i, ..., e_L]        mask -> [m_<i, 1...1, m_>=i]      p*d parameters
 
-For HF transformers encoders with ``embeddings`` and ``encoder`` or ``layers`` (BERT, RoBERTa, ELECTRA, HF ViT):
-a wrapper on ``embeddings`` inserts P into its output (after the position embeddings and the embedding LayerNorm:
-the prompts carry no position), at ``insert_at`` (default 1, after [CLS], so BERT's pooler still reads [CLS]; 0 puts
-them first as in Lester et al. and OpenDelta). A forward pre-hook on the encoder model pads a 2-D
-``attention_mask`` to match; the hook does nothing once the wrapper is gone. The encoder's ``last_hidden_state``
-has p more positions (a token-level head must drop positions insert_at .. insert_at + p). Not mergeable.
+For HF transformers encoders with ``embeddings`` and ``encoder`` or ``layers`` (BERT, RoBERTa, ELECTRA, HF ViT), a
+wrapper on ``embeddings`` inserts P at one of two points:
+
+- ``insert="input"`` (OpenDelta, peft, Lester et al.): into the word embeddings, BEFORE the embedding layer adds
+  positions and token types and applies its LayerNorm. The prompts get positions i..i+p-1 and token type 0, and the
+  real tokens' positions shift by p. With ``insert_at=0`` (the default here) this is peft's prompt tuning exactly:
+  a sequence classifier's pooler then reads the first PROMPT's output, not [CLS]'s. Text encoders only.
+- ``insert="output"`` (the default): into the embedding layer's output, after the position embeddings and the
+  LayerNorm, at ``insert_at`` (default 1, after [CLS], so BERT's pooler still reads [CLS]). The prompts carry no
+  position, and the real tokens keep theirs.
+
+Init: ``init="vocab"`` (OpenDelta's default) copies word-embedding rows 0..p-1 (cycled if p exceeds the vocabulary;
+models without a vocabulary, e.g. HF ViT, fall back to uniform); ``init="uniform"``: U(-init_range, init_range).
+A forward pre-hook on the encoder model pads a 2-D ``attention_mask`` to match; the hook does nothing once the
+wrapper is gone. The encoder's ``last_hidden_state`` has p more positions (a token-level head must drop positions
+insert_at .. insert_at + p). Not mergeable.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,6 +38,8 @@ from deltatune.registry import register, require
 from deltatune.targeting import family, is_delta, set_module
 
 SUPPORTED = ("bert", "hf-vit")
+INSERTS = ("output", "input")
+INITS = ("vocab", "uniform")
 
 
 @register("prompt")
@@ -36,17 +49,28 @@ class PromptConfig:
 
     num_tokens: int = 100
     """Number of prompt tokens p (OpenDelta's default 100)."""
+    init: str = "vocab"
+    """vocab: copies of word-embedding rows 0..p-1 (OpenDelta; uniform where there is no vocabulary); uniform."""
     init_range: float = 0.5
-    """Prompts start U(-init_range, init_range)."""
-    insert_at: int = 1
-    """Position of the first prompt token: 1 puts them after [CLS], 0 before every token."""
+    """With init="uniform": prompts start U(-init_range, init_range)."""
+    insert: str = "output"
+    """output: after the embedding layer (no positions, no LayerNorm); input: before it (peft, OpenDelta)."""
+    insert_at: int | None = None
+    """Position of the first prompt token; None: 0 for insert="input" (peft), 1 (after [CLS]) for "output"."""
 
     mergeable: ClassVar[bool] = False
     name: ClassVar[str]
 
     def __post_init__(self) -> None:
         require(self, self.num_tokens >= 1, "num_tokens", ">= 1")
-        require(self, self.insert_at >= 0, "insert_at", ">= 0")
+        require(self, self.insert_at is None or self.insert_at >= 0, "insert_at", ">= 0")
+        require(self, self.insert in INSERTS, "insert", f"one of {', '.join(INSERTS)}")
+        require(self, self.init in INITS, "init", f"one of {', '.join(INITS)}")
+
+    @property
+    def position(self) -> int:
+        """Where the first prompt token goes."""
+        return self.insert_at if self.insert_at is not None else (0 if self.insert == "input" else 1)
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         """Wraps the encoder's ``embeddings`` in a ``SoftPrompt`` and hooks the encoder model to pad its mask."""
@@ -62,31 +86,39 @@ class PromptConfig:
             )
         if any(isinstance(m.embeddings, SoftPrompt) for _, m in encoders):
             raise DeltaTuneError("prompt: the model already has soft prompts; apply 'prompt' once")
+        words = [getattr(m.embeddings, "word_embeddings", None) for _, m in encoders]
+        if self.insert == "input" and not all(isinstance(w, nn.Embedding) for w in words):
+            raise DeltaTuneError("prompt: insert='input' needs word embeddings (text encoders); use insert='output'")
         sites = []
-        for name, encoder in encoders:
+        for (name, encoder), word in zip(encoders, words):
             site = f"{name}.embeddings" if name else "embeddings"
-            d = encoder.config.hidden_size
-            ref = next(encoder.parameters())
-            prompt = torch.empty(self.num_tokens, d, device=ref.device, dtype=ref.dtype)
-            wrapper = SoftPrompt(
-                encoder.embeddings, nn.init.uniform_(prompt, -self.init_range, self.init_range), self.insert_at
-            )
+            wrapper = SoftPrompt(encoder.embeddings, self._init(encoder, word), self.position, self.insert == "input")
             set_module(model, site, wrapper)
             wrapper.hook(encoder)
             sites.append(site)
         return Applied(sites)
 
 
+    def _init(self, encoder: nn.Module, word: nn.Module | None) -> Tensor:
+        """(p, d) initial prompts: word-embedding rows 0..p-1 (cycled), or uniform."""
+        if self.init == "vocab" and isinstance(word, nn.Embedding):
+            rows = torch.arange(self.num_tokens, device=word.weight.device) % word.num_embeddings
+            return word.weight.detach()[rows].clone()
+        ref = next(encoder.parameters())
+        prompt = torch.empty(self.num_tokens, encoder.config.hidden_size, device=ref.device, dtype=ref.dtype)
+        return nn.init.uniform_(prompt, -self.init_range, self.init_range)
+
+
 class SoftPrompt(nn.Module):
-    """Wraps an HF ``embeddings`` module: inserts the prompts into its output (B, L, d) -> (B, L + p, d)."""
+    """Wraps an HF ``embeddings`` module: inserts the prompts into its input or output, (B, L, d) -> (B, L + p, d)."""
 
     delta_method = "prompt"
 
-    def __init__(self, base: nn.Module, prompt: Tensor, insert_at: int):
+    def __init__(self, base: nn.Module, prompt: Tensor, insert_at: int, at_input: bool = False):
         super().__init__()
         self.base, self.delta_stage = base, None
         self.prompt_tokens = nn.Parameter(prompt)  # (p, d)
-        self.insert_at = insert_at
+        self.insert_at, self.at_input = insert_at, at_input
         self.train(base.training)  # take the mode of the module it replaces
 
     def __getattr__(self, name: str) -> Any:
@@ -97,10 +129,29 @@ class SoftPrompt(nn.Module):
             return getattr(self.base, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        e = self.base(*args, **kwargs)  # (B, L, d)
+        if self.at_input:
+            return self._forward_input(*args, **kwargs)
+        return self._insert(self.base(*args, **kwargs))  # (B, L + p, d)
+
+    def _insert(self, e: Tensor) -> Tensor:
+        """(B, L, d) -> (B, L + p, d) with the prompts at insert_at."""
         i = min(self.insert_at, e.shape[1])
         prompt = self.prompt_tokens.to(e.dtype).unsqueeze(0).expand(e.shape[0], -1, -1)  # (B, p, d)
-        return torch.cat([e[:, :i], prompt, e[:, i:]], dim=1)  # (B, L + p, d)
+        return torch.cat([e[:, :i], prompt, e[:, i:]], dim=1)
+
+    def _forward_input(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The prompts join the word embeddings; the embedding layer then adds positions, token types and its norm."""
+        bound = inspect.signature(self.base.forward).bind(*args, **kwargs).arguments
+        if bound.get("position_ids") is not None:
+            raise DeltaTuneError("prompt: insert='input' shifts every position by p; call without position_ids")
+        ids, embeds = bound.pop("input_ids", None), bound.get("inputs_embeds")
+        embeds = self.base.word_embeddings(ids) if embeds is None else embeds  # (B, L, d)
+        bound["inputs_embeds"] = self._insert(embeds)
+        types = bound.get("token_type_ids")
+        if types is not None:  # the prompts are segment 0, as in peft
+            i, zeros = min(self.insert_at, types.shape[1]), types.new_zeros(types.shape[0], self.prompt_tokens.shape[0])
+            bound["token_type_ids"] = torch.cat([types[:, :i], zeros, types[:, i:]], dim=1)
+        return self.base(**bound)
 
     def delta_parameters(self) -> list[nn.Parameter]:
         return [self.prompt_tokens]

@@ -5,7 +5,10 @@ shift ~ N(0, 0.02). Every site follows a linear op, so it folds into that op exa
 
     W'[i] = scale_i * W[i]        b' = scale * b + shift        (norm affine: w' = scale * w)
 
-and the merged network is the plain architecture with no extra parameters or FLOPs.
+and the merged network is the plain architecture with no extra parameters or FLOPs. One exception: ConvNeXt's last
+site acts on the final feature map (official ``forward_features``: after the last stage's residual add, before the
+pooling and the head's LayerNorm; timm's ``norm_pre``, an Identity). No op precedes it (a residual add) and the
+head's LayerNorm mixes channels, so no fold is exact: ``merge`` leaves that one SSF in place and warns naming it.
 """
 
 from __future__ import annotations
@@ -19,13 +22,26 @@ from torch import Tensor, nn
 from deltatune import fast
 from deltatune.core import Applied
 from deltatune.registry import register
-from deltatune.targeting import Targets, family, find_sites, innermost, is_delta, resolve_targets, set_module
+from deltatune.targeting import (
+    Targets,
+    family,
+    find_sites,
+    get_module_or_none,
+    innermost,
+    is_delta,
+    matches,
+    resolve_targets,
+    set_module,
+)
 
 LINEAR_OPS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_OPS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # The paper's sites are every linear/conv/norm op but the head; Swin's patch-merging reduction is not one.
 PRESETS: dict[str, Targets] = {"*": ".*"}
-EXCLUDE: dict[str, Targets] = {"swin": ["downsample.reduction"]}
+# ConvNeXt: the final SSF acts on the feature map before pooling (FEATURE_MAPS), not after it on the head's norm.
+EXCLUDE: dict[str, Targets] = {"swin": ["downsample.reduction"], "convnext": ["head.norm"]}
+# Sites on a feature map with no layer of their own (timm keeps an Identity there): family -> module name.
+FEATURE_MAPS: dict[str, str] = {"convnext": "norm_pre"}
 
 
 @register("ssf")
@@ -50,7 +66,20 @@ class SSFConfig:
         sites = find_sites(model, self.name, targets, LINEAR_OPS + NORM_OPS, exclude, skip)
         for name, module in sites:
             set_module(model, name, SSF(module, self.init_std))
-        return Applied([n for n, _ in sites])
+        return Applied([n for n, _ in sites] + _feature_map_site(model, self, targets, exclude, skip))
+
+
+def _feature_map_site(model: nn.Module, cfg: SSFConfig, targets: Targets, exclude: Targets | None, skip) -> list[str]:
+    """Wraps the family's final feature map (an Identity in timm) in an SSF over ``num_features`` NCHW channels."""
+    name = FEATURE_MAPS.get(family(model) or "")
+    module = get_module_or_none(model, name) if name else None
+    if not isinstance(module, nn.Identity) or not matches(name, targets) or (exclude and matches(name, exclude)):
+        return []  # (head_norm_first ConvNeXts have a LayerNorm2d there: an ordinary, foldable site)
+    if any(name == s or name.startswith(s + ".") for s in skip):
+        return []
+    ref = next(model.parameters())
+    set_module(model, name, SSF(module, cfg.init_std, channels=model.num_features, like=ref))
+    return [name]
 
 
 def channel_dim(layer: nn.Module) -> int:
@@ -89,15 +118,20 @@ class SSF(nn.Module):
 
     delta_method = "ssf"
 
-    def __init__(self, base: nn.Module, init_std: float = 0.02):
+    def __init__(
+        self, base: nn.Module, init_std: float = 0.02, channels: int | None = None, like: Tensor | None = None
+    ) -> None:
+        """``channels``/``like``: for a base without weights (a feature map's Identity: NCHW), its channels and a
+        tensor whose device and dtype the SSF takes."""
         super().__init__()
         self.base = base
         self.delta_stage: int | None = None
         layer = innermost(base)
         self.dim = channel_dim(layer)
-        ref = next(layer.parameters(), None)
+        ref = next(layer.parameters(), like)
         kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        channels = out_channels(layer)
+        channels = channels or out_channels(layer)
+        self.mergeable = not isinstance(layer, nn.Identity)  # a feature map's SSF has no layer to fold into
         self.ssf_scale = nn.Parameter(torch.empty(channels, **kw).normal_(1.0, init_std))
         self.ssf_shift = nn.Parameter(torch.empty(channels, **kw).normal_(0.0, init_std))
 
@@ -111,8 +145,9 @@ class SSF(nn.Module):
         return [self.ssf_scale, self.ssf_shift]
 
     def merge(self) -> nn.Module | None:
-        """Folds scale and shift into the base layer and returns it (None if the base is another delta)."""
-        if is_delta(self.base):
+        """Folds scale and shift into the base layer and returns it (None if the base is another delta, or a feature
+        map's Identity that has nothing to fold into)."""
+        if is_delta(self.base) or not self.mergeable:
             return None
         fold(self.base, self.ssf_scale.detach(), self.ssf_shift.detach())
         return self.base

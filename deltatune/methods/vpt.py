@@ -6,7 +6,8 @@ before the patch tokens::
     shallow: [x_cls, P, E] -> L_1 -> ... -> L_N                 p*d parameters
     deep:    [x_cls, P_i, E_i] -> L_i, the prompt outputs of L_{i-1} dropped     N*p*d parameters
 
-Init as the official code: U(-v, v) with v = sqrt(6 / (3 * patch_h * patch_w + d)); dropout on the prompts.
+Init as the official code: U(-v, v) with v = sqrt(6 / (3 * patch_h * patch_w + d)), on Swin with the FIRST stage's
+d for every stage; dropout on the prompts.
 The prompt outputs are removed before the final norm and pooling, so output shapes are unchanged (and average
 pooling sees the patch tokens only). Not mergeable; FLOPs grow with p.
 
@@ -20,7 +21,8 @@ Swin (``vpt-deep`` only): as the VPT/MiMi Swin baseline, every block's window at
 prepended to every window (zero relative-position bias and shift mask for them) and their outputs are dropped after
 the attention. Differences from that code: the prompts live in the attention's (normalised) input space, their
 queries, MLP and patch-merging passes are skipped (they only fed the discarded prompt outputs), and the final average
-pooling sees the patch tokens only. So p * (sum over blocks of d_block) parameters, and fewer FLOPs than MiMi's
+pooling sees the patch tokens only (the official code's pool also covers the last block's prompt outputs: not
+reproduced). So p * (sum over blocks of d_block) parameters, and fewer FLOPs than MiMi's
 count. ``vpt-shallow`` has no Swin form: timm's Swin keeps tokens on a (B, H, W, C) grid, so prompt tokens cannot
 travel from block to block.
 """
@@ -104,9 +106,10 @@ class _VPTOptions:
         sites = [n for n in sites if not any(n.startswith(s + ".") for s in sites)]
         if not sites:
             raise DeltaTuneError(f"{self.name}: no timm WindowAttention found in {type(model).__name__}")
+        # Official: one init bound for every stage, from the first stage's width (embed_dim).
+        val = self._init_val(model, innermost(get_module(model, sites[0])).dim)
         for name in sites:
             attn = innermost(get_module(model, name))
-            val = self._init_val(model, attn.dim)
             prompt = _prompt(self.num_tokens, attn.dim, val, attn.relative_position_bias_table)
             set_module(model, name, VPTWindowAttention(get_module(model, name), self.name, prompt, self.dropout))
         return Applied(sites)

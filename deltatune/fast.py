@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _enabled = True
-SAFE_SHIFT_RATIO = 0.25  # max |shift / scale| for which the folded SSF recovers its scale gradient from the output
+SAFE_SHIFT_RATIO = 2.0  # max |shift / scale| for which the folded SSF recovers its scale gradient from the output
 
 
 def is_enabled() -> bool:

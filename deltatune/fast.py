@@ -7,8 +7,11 @@ which return None where no fast path applies (the wrapper then runs its plain fo
 - SSF after a Linear: ``y = x (scale * W)^T + (scale * b + shift)``, one matmul with the weight scaled on the
   fly. Backward keeps the OUTPUT y (often kept anyway by the next op: attention, GELU) instead of the input:
   ``dshift = sum(dy)``, ``dscale = sum(dy * (y - shift) / scale) = (sum(dy * y) - shift * dshift) / scale``.
-  The division needs scale != 0 (it starts at N(1, 0.02) and stays near 1); the output must not be modified in
-  place afterwards (autograd then raises). The two sums are one pass over dy and y (``column_sums``).
+  The output holds y0 = (y - shift) / scale only to about ``2^-24 (|y0| + |shift / scale|)``: once |shift / scale|
+  outgrows ``SAFE_SHIFT_RATIO`` (scale -> 0; it starts at N(1, 0.02) and stays near 1) the plain formula runs,
+  which keeps y0 itself. The check is one reduction over the C scales (a host sync on CUDA); under torch.compile,
+  where a data-dependent branch would break the graph, the plain formula always runs. The output must not be
+  modified in place afterwards (autograd then raises). The two sums are one pass over dy and y (``column_sums``).
 - SSF after a LayerNorm: folded into its affine (``w * scale``, ``b * scale + shift``); native LN backward.
 - LoRA on a Linear (no dropout): ``y = x (W + s B A)^T + b``, one matmul with the merged weight built on the fly
   (weight-sized work, not activation-sized); see ``deltatune.fast_lora``.
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _enabled = True
+SAFE_SHIFT_RATIO = 2.0  # max |shift / scale| for which the folded SSF recovers its scale gradient from the output
 
 
 def is_enabled() -> bool:
@@ -177,4 +181,14 @@ def ssf(base: nn.Module, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | No
     if not needs_grad(x, base.bias, scale, shift):  # inference: the folded layer, one matmul
         bias = shift if base.bias is None else torch.addcmul(shift, base.bias, scale)
         return F.linear(x, base.weight * scale[:, None], bias)
+    if scale.requires_grad and not output_holds_input(scale, shift):
+        return None
     return SSFLinearFn.apply(x, base.weight, base.bias, scale, shift)
+
+
+def output_holds_input(scale: Tensor, shift: Tensor) -> bool:
+    """Whether y = y0 * scale + shift gives back y0 to float32 precision: every |shift| <= ratio * |scale|."""
+    if torch.compiler.is_compiling():
+        return False  # a data-dependent branch would break the graph; the plain formula fuses well there
+    with torch.no_grad():
+        return bool((shift.abs() <= scale.abs() * SAFE_SHIFT_RATIO).all())

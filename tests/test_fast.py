@@ -249,3 +249,48 @@ def test_bf16_autocast_close_to_plain(name: str) -> None:
     assert rel_err(out.float(), ref.float()) < 3e-2
     for n, g in grads.items():
         assert g.dtype == torch.float32 and rel_err(g, ref_grads[n]) < 5e-2, n
+
+
+SCALES = [1.0, 1e-2, 1e-4, 1e-6, 0.0, "boundary"]  # boundary: |shift| = SAFE_SHIFT_RATIO * |scale|, still folded
+
+
+def _ssf_case(scale: float | str) -> tuple[SSF, Tensor, Tensor]:
+    """A frozen Linear under SSF with every scale near ``scale``, an input and an output gradient."""
+    g = torch.Generator().manual_seed(0)
+    wrapped = SSF(_frozen(nn.Linear(24, 16)))
+    with torch.no_grad():
+        value = 0.08 if scale == "boundary" else float(scale)
+        wrapped.ssf_scale.copy_(value * (1 + 0.02 * torch.randn(16, generator=g)))
+        wrapped.ssf_shift.copy_(0.02 * torch.randn(16, generator=g))
+        if scale == "boundary":
+            wrapped.ssf_shift.copy_(wrapped.ssf_scale.abs() * fast.SAFE_SHIFT_RATIO * wrapped.ssf_shift.sign())
+    return wrapped, torch.randn(4, 32, 24, generator=g), torch.randn(4, 32, 16, generator=g)
+
+
+def _float64_grads(wrapped: SSF, x: Tensor, dy: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Gradients of y = (x W^T + b) * scale + shift in float64, and each scale gradient's sum of |terms|."""
+    lin = wrapped.base
+    s, t = (p.detach().double().requires_grad_() for p in (wrapped.ssf_scale, wrapped.ssf_shift))
+    x64 = x.double().requires_grad_()
+    y0 = F.linear(x64, lin.weight.double(), lin.bias.double())
+    (y0 * s + t).backward(dy.double())
+    size = (dy.double() * y0).abs().sum((0, 1)).detach()  # the scale of sum(dy * y0): float32 errs relative to it
+    return {"x": x64.grad, "scale": s.grad, "shift": t.grad}, size
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("scale", SCALES)
+def test_ssf_gradients_exact_at_any_scale(scale: float | str, compiled: bool) -> None:
+    """The folded SSF's gradients equal the plain formula's (float64 here) to float32 precision, scale -> 0 included."""
+    wrapped, x, dy = _ssf_case(scale)
+    ref, size = _float64_grads(wrapped, x, dy)
+    call = torch.compile(wrapped, backend="aot_eager", fullgraph=True) if compiled else wrapped
+    x = x.clone().requires_grad_()
+    out = call(x)
+    if not compiled and scale in (1.0, "boundary"):
+        assert type(out.grad_fn).__name__ == "SSFLinearFnBackward"  # the fast path is what is checked here
+    out.backward(dy)
+    got = {"x": x.grad, "scale": wrapped.ssf_scale.grad, "shift": wrapped.ssf_shift.grad}
+    assert ((got["scale"].double() - ref["scale"]).abs() <= 1e-5 * size).all()
+    for name in ("x", "shift"):
+        assert rel_err(got[name].double(), ref[name]) < 1e-5, name

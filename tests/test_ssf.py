@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import make_backbone, make_input, rel_err, run
+import torch.nn.functional as F
+from conftest import make_backbone, make_input, perturb_deltas, rel_err, run
 from torch import nn
 
 import deltatune
@@ -142,3 +143,59 @@ def test_fold_rounds_once_from_float64() -> None:
     fold(layer, scale, shift)
     assert torch.equal(layer.weight, (w64 * scale.double()[:, None]).to(torch.bfloat16))
     assert torch.equal(layer.bias, (b64 * scale.double() + shift.double()).to(torch.bfloat16))
+
+
+NORM_ACT = [  # (layer, input, its norm written out, channel dim)
+    (
+        timm.layers.BatchNormAct2d(6, act_layer=nn.ReLU),
+        torch.randn(2, 6, 3, 3),
+        lambda m, x: F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps),
+    ),
+    (
+        timm.layers.GroupNormAct(6, 2, act_layer=nn.SiLU),
+        torch.randn(2, 6, 3, 3),
+        lambda m, x: F.group_norm(x, 2, m.weight, m.bias, m.eps),
+    ),
+    (
+        timm.layers.LayerNormAct(6, act_layer=nn.GELU),
+        torch.randn(3, 4, 6),
+        lambda m, x: F.layer_norm(x, (6,), m.weight, m.bias, m.eps),
+    ),
+    (
+        timm.layers.LayerNormAct2d(6, act_layer=nn.GELU),
+        torch.randn(2, 6, 3, 3),
+        lambda m, x: F.layer_norm(x.permute(0, 2, 3, 1), (6,), m.weight, m.bias, m.eps).permute(0, 3, 1, 2),
+    ),
+]
+
+
+@pytest.mark.parametrize("layer,x,norm", NORM_ACT, ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
+def test_norm_act_layers_scale_between_norm_and_act(layer: nn.Module, x: torch.Tensor, norm) -> None:
+    """On a norm with a built-in activation SSF is act(norm(x) * scale + shift), and the merge equals it."""
+    torch.manual_seed(0)
+    layer.eval()
+    with torch.no_grad():
+        for p in [*layer.parameters(), *layer.buffers()]:
+            if p.is_floating_point():
+                p.uniform_(0.5, 1.5)
+    wrapped = SSF(layer, init_std=0.3)
+    shape = [-1 if i == wrapped.dim % x.ndim else 1 for i in range(x.ndim)]
+    with torch.no_grad():
+        want = layer.act(norm(layer, x) * wrapped.ssf_scale.view(shape) + wrapped.ssf_shift.view(shape))
+        assert rel_err(wrapped(x), want) < 1e-6
+        assert rel_err(wrapped.merge()(x), want) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100", "regnetx_002"])
+def test_merge_exact_on_norm_act_backbones(name: str) -> None:
+    """EfficientNet, MobileNetV3 and RegNet put their activations inside BatchNormAct2d: merged == unmerged."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5).eval()
+    deltatune.apply(model, "ssf")
+    assert any(m.norm_act for m in model.modules() if isinstance(m, SSF))
+    perturb_deltas(model, std=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = run(model, x)
+        got = run(deltatune.merge(model), x)
+    assert rel_err(got, want) < 1e-5

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.core import Applied
+from deltatune.numerics import round_to
 from deltatune.registry import register, require
 from deltatune.targeting import Targets, config_sites, innermost, is_delta, set_module
 
@@ -142,6 +143,7 @@ class FacTLinear(nn.Module):
     ):
         super().__init__()
         self.base, self.delta_stage, self.delta_method = base, None, method
+        self.merged = False  # once merged, the base holds the update and forward adds nothing
         self.fact_factors = factors  # shared by every site of this width
         self.offset, self.a, self.b, self.scale = offset, a, b, cfg.scale
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
@@ -158,6 +160,8 @@ class FacTLinear(nn.Module):
         return torch.einsum("vuk,sk->svu", f.fact_c.to(dtype), p.to(dtype)).unflatten(0, (self.b, self.a))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base(x)
         f = self.fact_factors
         m = self.cores()
         r = m.shape[-1]
@@ -183,9 +187,11 @@ class FacTLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> nn.Module | None:
-        """Adds the update into the base weight (float64, rounded once) and returns the base."""
+        """Adds the update into the base weight (float64, rounded once) and returns the base; repeats add nothing."""
         if is_delta(self.base):
             return None
-        w = self.base.weight
-        w.copy_((w.double() + self.delta_weight().to(w.device)).to(w.dtype))
+        if not self.merged:
+            w = self.base.weight
+            w.copy_(round_to(w.double() + self.delta_weight().to(w.device), w.dtype))
+            self.merged = True
         return self.base

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from deltatune import fast_lora
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
+from deltatune.numerics import round_to
 from deltatune.registry import register, require
 from deltatune.targeting import Targets, find_sites, innermost, is_delta, resolve_targets, set_module
 
@@ -105,6 +106,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, parts: tuple[list[int], int]):
         super().__init__()
         self.base, self.delta_stage, self.scaling = base, None, alpha / r
+        self.merged = False  # once merged, the base holds the update and forward adds nothing
         layer = innermost(base)
         self.chunks, n_chunks = parts
         self.chunk = layer.out_features // n_chunks
@@ -124,6 +126,8 @@ class LoRALinear(nn.Module):
         return torch.einsum("...pr,pcr->...pc", h, self.lora_b).flatten(-2) * self.scaling  # (..., P*C)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base(x)
         if not (self.training and isinstance(self.dropout, nn.Dropout)):  # dropout changes the branch's input
             y = fast_lora.lora(self.base, x, self.lora_a, self.lora_b, tuple(self.chunks), self.scaling)
             if y is not None:
@@ -144,12 +148,14 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> nn.Module | None:
-        """Adds the update into the base weight (float64, rounded once) and returns the base."""
+        """Adds the update into the base weight (float64, rounded once) and returns the base; repeats add nothing."""
         if is_delta(self.base):
             return None
-        w = self.base.weight
-        merged = w.double().index_add(0, self.rows.to(w.device), self.delta_weight().to(w.device))
-        w.copy_(merged.to(w.dtype))
+        if not self.merged:
+            w = self.base.weight
+            merged = w.double().index_add(0, self.rows.to(w.device), self.delta_weight().to(w.device))
+            w.copy_(round_to(merged, w.dtype))
+            self.merged = True
         return self.base
 
 
@@ -161,6 +167,7 @@ class LoRAConv(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float):
         super().__init__()
         self.base, self.delta_stage, self.scaling = base, None, alpha / r
+        self.merged = False  # once merged, the base holds the update and forward adds nothing
         layer = innermost(base)
         fan_in = layer.weight[0].numel()
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
@@ -169,6 +176,8 @@ class LoRAConv(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base(x)
         layer = innermost(self.base)
         delta = (self.lora_b @ self.lora_a).view_as(layer.weight) * self.scaling
         return self.base(x) + layer._conv_forward(self.dropout(x), delta, None)
@@ -178,10 +187,12 @@ class LoRAConv(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> nn.Module | None:
-        """Adds the update into the base weight (float64, rounded once) and returns the base."""
+        """Adds the update into the base weight (float64, rounded once) and returns the base; repeats add nothing."""
         if is_delta(self.base):
             return None
-        w = self.base.weight
-        delta = (self.lora_b.double() @ self.lora_a.double()).view(w.shape) * self.scaling
-        w.copy_((w.double() + delta).to(w.dtype))
+        if not self.merged:
+            w = self.base.weight
+            delta = (self.lora_b.double() @ self.lora_a.double()).view(w.shape) * self.scaling
+            w.copy_(round_to(w.double() + delta, w.dtype))
+            self.merged = True
         return self.base

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
+from deltatune.numerics import round_to
 from deltatune.registry import register
 from deltatune.targeting import Targets, config_sites, family, innermost, set_module
 
@@ -190,7 +191,7 @@ class PrefixAttention(nn.Module):
             )
             rows = slice(self.offset, self.offset + 2 * self.width)
             kv = F.linear(h, mlp.prefix_out.weight[rows].double(), mlp.prefix_out.bias[rows].double())
-            kv = kv.unflatten(-1, (2, -1)).transpose(0, 1).to(mlp.prefix_embed.dtype)  # (2, p, width)
+            kv = round_to(kv.unflatten(-1, (2, -1)).transpose(0, 1), mlp.prefix_embed.dtype)  # (2, p, width)
             del self.prefix_mlp
             self.prefix_kv = nn.Parameter(kv.contiguous(), requires_grad=False)
         return None

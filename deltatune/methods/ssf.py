@@ -5,7 +5,9 @@ shift ~ N(0, 0.02). Every site follows a linear op, so it folds into that op exa
 
     W'[i] = scale_i * W[i]        b' = scale * b + shift        (norm affine: w' = scale * w)
 
-and the merged network is the plain architecture with no extra parameters or FLOPs. One exception: ConvNeXt's last
+and the merged network is the plain architecture with no extra parameters or FLOPs. A norm with a built-in
+activation (timm's ``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct``...) is scaled between its norm and its
+drop/act, where its affine sits, so the fold stays exact there too. One exception: ConvNeXt's last
 site acts on the final feature map (official ``forward_features``: after the last stage's residual add, before the
 pooling and the head's LayerNorm; timm's ``norm_pre``, an Identity). No op precedes it (a residual add) and the
 head's LayerNorm mixes channels, so no fold is exact: ``merge`` leaves that one SSF in place and warns naming it.
@@ -17,10 +19,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune import fast
 from deltatune.core import Applied
+from deltatune.numerics import round_to
 from deltatune.registry import register
 from deltatune.targeting import (
     Targets,
@@ -84,9 +88,25 @@ def _feature_map_site(model: nn.Module, cfg: SSFConfig, targets: Targets, exclud
 
 def channel_dim(layer: nn.Module) -> int:
     """The dim of a layer's output that holds its channels: last for Linear/LayerNorm, 1 for NCHW layers."""
-    if isinstance(layer, nn.Linear) or (isinstance(layer, nn.LayerNorm) and type(layer).__name__ != "LayerNorm2d"):
+    if isinstance(layer, nn.Linear) or (isinstance(layer, nn.LayerNorm) and not type(layer).__name__.endswith("2d")):
         return -1
-    return 1
+    return 1  # convs, batch/group norms and timm's channels-first LayerNorm2d / LayerNormAct2d
+
+
+def has_act(layer: nn.Module) -> bool:
+    """A norm with a built-in drop or activation after its affine (timm's norm-act layers)."""
+    return isinstance(layer, NORM_OPS) and any(
+        not isinstance(getattr(layer, n, None), (nn.Identity, type(None))) for n in ("drop", "act")
+    )
+
+
+def norm_part(layer: nn.Module, x: Tensor) -> Tensor:
+    """A norm-act layer's normalisation and affine, without its drop and act: the torch norm it extends."""
+    if isinstance(layer, nn.LayerNorm) and channel_dim(layer) == 1:  # LayerNormAct2d: normalises NHWC
+        y = F.layer_norm(x.permute(0, 2, 3, 1), layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+        return y.permute(0, 3, 1, 2)
+    torch_norm = next(c for c in type(layer).__mro__ if c in NORM_OPS)
+    return torch_norm.forward(layer, x)
 
 
 def out_channels(layer: nn.Module) -> int:
@@ -126,6 +146,8 @@ class SSF(nn.Module):
         super().__init__()
         self.base = base
         self.delta_stage: int | None = None
+        self.merged = False  # once merged, the base holds scale and shift and forward adds nothing
+        self.norm_act = not is_delta(base) and has_act(base)  # scale between the norm and its act
         layer = innermost(base)
         self.dim = channel_dim(layer)
         ref = next(layer.parameters(), like)
@@ -136,6 +158,11 @@ class SSF(nn.Module):
         self.ssf_shift = nn.Parameter(torch.empty(channels, **kw).normal_(0.0, init_std))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base(x)
+        if self.norm_act:
+            y = ssf_affine(norm_part(self.base, x), self.ssf_scale, self.ssf_shift, self.dim)
+            return self.base.act(getattr(self.base, "drop", nn.Identity())(y))
         y = fast.ssf(self.base, x, self.ssf_scale, self.ssf_shift)  # folded into a frozen Linear/LayerNorm
         if y is not None:
             return y
@@ -146,10 +173,12 @@ class SSF(nn.Module):
 
     def merge(self) -> nn.Module | None:
         """Folds scale and shift into the base layer and returns it (None if the base is another delta, or a feature
-        map's Identity that has nothing to fold into)."""
+        map's Identity that has nothing to fold into); repeats fold nothing more."""
         if is_delta(self.base) or not self.mergeable:
             return None
-        fold(self.base, self.ssf_scale.detach(), self.ssf_shift.detach())
+        if not self.merged:
+            fold(self.base, self.ssf_scale.detach(), self.ssf_shift.detach())
+            self.merged = True
         return self.base
 
 
@@ -160,12 +189,12 @@ def fold(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
     ref = weight if weight is not None else scale
     s, t = scale.double(), shift.double()
     bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(s)
-    new_bias = (bias * s + t).to(ref.dtype)
+    new_bias = round_to(bias * s + t, ref.dtype)
     if weight is None:  # a norm without affine gains one
-        layer.weight = nn.Parameter(scale.to(ref.dtype).clone(), requires_grad=False)
+        layer.weight = nn.Parameter(round_to(s, ref.dtype), requires_grad=False)
     else:
         view = [-1] + [1] * (weight.ndim - 1)
-        weight.copy_((weight.double() * s.view(view)).to(weight.dtype))
+        weight.copy_(round_to(weight.double() * s.view(view), weight.dtype))
     if layer.bias is None:
         layer.bias = nn.Parameter(new_bias, requires_grad=False)
     else:

@@ -10,6 +10,7 @@ from conftest import BACKBONES, make_backbone, make_input, perturb_deltas, rel_e
 
 import deltatune
 from deltatune.core import delta_modules
+from deltatune.methods.prefix import stored_form
 
 # (method, backbone) pairs where the method does not apply: apply must raise DeltaTuneError there.
 NOT_APPLICABLE: set[tuple[str, str]] = {
@@ -82,6 +83,7 @@ def test_merge_matches_unmerged(method: str, kind: str) -> None:
 def test_save_load_reproduces_outputs(method: str, kind: str, tmp_path) -> None:
     model = tuned(method, kind)
     perturb_deltas(model)
+    model = stored_form(model)  # what a delta file holds: prefix tuning's MLP folded into each layer's prefixes
     path = tmp_path / "delta.safetensors"
     size = deltatune.save_delta(model, path)
     assert size == path.stat().st_size

@@ -17,9 +17,7 @@ checks everything before a single module of the model is changed, so a refused f
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -199,12 +197,31 @@ def _dry_run(
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of the model whose parameters and buffers live on the meta device: shapes and dtypes, no data."""
-    memo: dict[int, Any] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        fake = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(fake, t.requires_grad) if isinstance(t, nn.Parameter) else fake
-    return copy.deepcopy(model, memo)
+    """A copy of the model whose parameters and buffers live on the meta device: shapes and dtypes, no data.
+
+    Each module is copied shallowly with its own dicts (children, parameters, buffers, hooks), so building deltas
+    on the copy never reaches the model; other attributes are shared read-only. Much faster than a deepcopy.
+    """
+    done: dict[int, Any] = {}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in done:
+            meta = torch.empty_like(t, device="meta")
+            done[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        return done[id(t)]
+
+    def clone(module: nn.Module) -> nn.Module:
+        if id(module) not in done:
+            new = object.__new__(type(module))
+            new.__dict__ = {k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()}
+            done[id(module)] = new
+            for table, convert in (("_parameters", fake), ("_buffers", fake), ("_modules", clone)):
+                entries = new.__dict__[table]
+                for k, v in entries.items():
+                    entries[k] = None if v is None else convert(v)
+        return done[id(module)]
+
+    return clone(model)
 
 
 def _check_tensors(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], path: Path) -> None:

@@ -87,7 +87,8 @@ def _stage(entry: Any) -> dict[str, Any]:
 def _refuse_folded(model: nn.Module, state: Any) -> None:
     """After ``merge``, a delta file can still hold what stayed a delta; refuses if merge folded any away."""
     live = {(m.delta_method, m.delta_stage) for _, m in delta_modules(model)}
-    folded = [e.config.name for e in state.entries if e.sites and not e.selected and (e.config.name, e.stage) not in live]
+    gone = [e for e in state.entries if e.sites and not e.selected and (e.config.name, e.stage) not in live]
+    folded = [e.config.name for e in gone]
     if folded:
         raise DeltaTuneError(
             f"save_delta: merge() folded {', '.join(folded)} into the backbone's weights, so a delta file could no "

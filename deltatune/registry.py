@@ -84,7 +84,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def config_from_dict(data: Any) -> Any:
     """Inverse of ``config_to_dict``; anything malformed (a file's metadata) raises DeltaTuneError."""
-    if not isinstance(data, dict) or not isinstance(data.get("method"), str) or not isinstance(data.get("options"), dict):
+    well_formed = isinstance(data, dict) and isinstance(data.get("method"), str)
+    if not well_formed or not isinstance(data.get("options"), dict):
         raise DeltaTuneError(
             f"a method entry must be {{'method': name, 'options': {{...}}}}, got {_short(data)}; the file is corrupt"
         )
@@ -252,4 +253,4 @@ def _repeat_depth(items: Any, in_repeat: bool) -> int:
 def _has_branch(items: Any) -> bool:
     import re._constants as c
 
-    return any(op == c.BRANCH or op == c.SUBPATTERN and _has_branch(arg[-1]) for op, arg in items)
+    return any(op == c.BRANCH or (op == c.SUBPATTERN and _has_branch(arg[-1])) for op, arg in items)

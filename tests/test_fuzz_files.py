@@ -20,7 +20,7 @@ from deltatune import DeltaTuneError
 from deltatune import _deltafile as fmt
 from deltatune.core import delta_modules
 
-CASES_PER_KIND = 25
+CASES_PER_KIND = 20
 BAD_VALUES: list[Any] = [
     "8",
     8.5,
@@ -71,7 +71,8 @@ def _edit_json(rng: random.Random, stages: list[Any]) -> None:
         return
     action = rng.choice(["replace", "remove", "add"]) if target else "add"
     if action == "add":
-        target[rng.choice(["extra", "r", "method", "options", "stage"]) + "x" * rng.randrange(2)] = rng.choice(BAD_VALUES)
+        key = rng.choice(["extra", "r", "method", "options", "stage"]) + "x" * rng.randrange(2)
+        target[key] = rng.choice(BAD_VALUES)
     else:
         key = rng.choice(sorted(target))
         if action == "remove":

@@ -7,8 +7,10 @@ backbone. Added parameters live in wrapper modules that declare them (``delta_pa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +66,19 @@ def fingerprint(model: nn.Module) -> tuple[str, dict[str, list[int]]]:
     return hashlib.sha256(payload.encode()).hexdigest()[:16], shapes
 
 
+_APPLY_LOCK = threading.RLock()  # two threads applying to one model would both take the same stage number
+
+
+def _serialised(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with _APPLY_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
+
+
+@_serialised
 def apply(model: nn.Module, method: Any, head: bool | str = True, **options: Any) -> nn.Module:
     """Applies a method (name, config, or list of them trained together) in place and freezes all but its deltas.
 

@@ -37,8 +37,13 @@ def tiny_llama() -> nn.Module:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=37, max_position_embeddings=32,
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=32,
     )
     return LlamaForCausalLM(cfg).eval()
 

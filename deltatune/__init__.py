@@ -22,6 +22,7 @@ from deltatune.errors import DeltaTuneError
 from deltatune.methods.adapter import AdapterConfig
 from deltatune.methods.adaptformer import AdaptFormerConfig
 from deltatune.methods.fact import FacTTKConfig, FacTTTConfig
+from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora import LoRAConfig
 from deltatune.methods.mimi import MiMiConfig
 from deltatune.methods.partial import AttnOnlyConfig, LayerNormConfig, MLPOnlyConfig
@@ -44,6 +45,7 @@ __all__ = [
     "FacTTKConfig",
     "FacTTTConfig",
     "FullConfig",
+    "IA3Config",
     "LayerNormConfig",
     "LinearConfig",
     "LoRAConfig",

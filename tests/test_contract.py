@@ -18,7 +18,7 @@ NOT_APPLICABLE: set[tuple[str, str]] = {
     *(("vpt-deep", k) for k in ("convnext", "mixer", "bert")),
     *(("prompt", k) for k in ("vit", "swin", "convnext", "mixer")),  # input embeddings of HF text models
     *(("prefix", k) for k in ("swin", "convnext", "mixer")),
-    *((m, k) for m in ("fact-tt", "fact-tk", "attn-only") for k in ("convnext", "mixer")),  # no attention blocks
+    *((m, k) for m in ("fact-tt", "fact-tk", "attn-only", "ia3") for k in ("convnext", "mixer")),  # no attention blocks
 }
 CASES = [(m, k) for m in deltatune.methods() for k in BACKBONES if (m, k) not in NOT_APPLICABLE]
 

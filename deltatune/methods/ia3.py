@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
+from deltatune.numerics import round_to
 from deltatune.registry import register
 from deltatune.targeting import Targets, candidates, family, find_sites, innermost, is_delta, matches, set_module
 
@@ -163,4 +164,4 @@ def scaled(tensor: Tensor, scale: Tensor, dim: int) -> Tensor:
     """``tensor * scale`` along ``dim``, computed in float64 and rounded once to the tensor's dtype."""
     shape = [1] * tensor.ndim
     shape[dim] = -1
-    return (tensor.double() * scale.double().view(shape)).to(tensor.dtype)
+    return round_to(tensor.double() * scale.double().view(shape), tensor.dtype)

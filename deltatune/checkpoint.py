@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from deltatune.core import _require_state, apply, delta_state_dict, fingerprint, state_of, unwrap
+from deltatune.core import _require_state, apply, delta_state_dict, fingerprint, state_of, uncompiled, unwrap
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import config_from_dict, config_to_dict
 
@@ -28,6 +28,7 @@ FORMAT_VERSION = "1"
 
 def save_delta(model: nn.Module, path: str | os.PathLike) -> int:
     """Writes the model's deltas and head to ``path`` atomically; returns the file's size in bytes."""
+    model = uncompiled(model)
     state = _require_state(model, "save_delta")
     if state.merged:
         raise DeltaTuneError(
@@ -47,6 +48,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike) -> int:
         "fingerprint": state.fingerprint,
         "backbone_class": state.backbone_class,
         "backbone_shapes": json.dumps(state.shapes, separators=(",", ":")),
+        "bn_stats": state.bn_stats,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,7 @@ def load_delta(model: nn.Module, path: str | os.PathLike, method: str | list[str
 
     ``method`` (optional) is what the caller expects the file to hold; a file with other methods is an error.
     """
-    path = Path(path)
+    path, outer, model = Path(path), model, uncompiled(model)
     if state_of(model) is not None:
         raise DeltaTuneError("load_delta: the model already has deltas; pass the plain backbone")
     meta = read_metadata(path)
@@ -129,16 +131,16 @@ def load_delta(model: nn.Module, path: str | os.PathLike, method: str | list[str
         for stage in sorted({s["stage"] for s in meta["stages"]}):
             group = [s for s in meta["stages"] if s["stage"] == stage]
             configs = [config_from_dict(s) for s in group]
-            apply(model, configs, head=head if group[0]["head"] else False)
+            apply(model, configs, head=head if group[0]["head"] else False, bn_stats=meta.get("bn_stats", "delta"))
         _check_tensors(model, tensors, path)
     except Exception:
         unwrap(model)
         raise
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}  # BatchNorm statistics: buffers
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
-    return model
+    return outer
 
 
 def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -10,6 +10,7 @@ from conftest import BACKBONES, make_backbone, make_input, perturb_deltas, rel_e
 
 import deltatune
 from deltatune.core import delta_modules
+from deltatune.registry import make_config
 
 # (method, backbone) pairs where the method does not apply: apply must raise DeltaTuneError there.
 NOT_APPLICABLE: set[tuple[str, str]] = {
@@ -18,12 +19,21 @@ NOT_APPLICABLE: set[tuple[str, str]] = {
     *(("prompt", k) for k in ("vit", "swin", "convnext", "mixer")),  # input embeddings of HF text models
     *(("prefix", k) for k in ("swin", "convnext", "mixer")),
     *((m, k) for m in ("fact-tt", "fact-tk", "attn-only") for k in ("convnext", "mixer")),  # no attention blocks
+    *(("prompt", "resnet"), ("prefix", "resnet"), ("vpt-shallow", "resnet"), ("vpt-deep", "resnet")),
+    # no preset for a ResNet (no blocks with attention/MLP outputs or Linear layers but the head)
+    *((m, "resnet") for m in ("adapter", "mimi", "phm-adapter", "compacter", "adaptformer", "lora")),
+    *((m, "resnet") for m in ("fact-tt", "fact-tk", "attn-only", "mlp-only")),
 }
 CASES = [(m, k) for m in deltatune.methods() for k in BACKBONES if (m, k) not in NOT_APPLICABLE]
 
 
 def tuned(method: str, kind: str):
     return deltatune.apply(make_backbone(kind), method)
+
+
+def modes(model: torch.nn.Module) -> set[bool]:
+    """The train/eval flags found on the model's modules."""
+    return {m.training for m in model.modules()}
 
 
 @pytest.mark.parametrize("method,kind", sorted(NOT_APPLICABLE))
@@ -36,10 +46,19 @@ def test_not_applicable_raises_and_leaves_model_plain(method: str, kind: str) ->
 
 @pytest.mark.parametrize("method,kind", CASES)
 def test_only_deltas_and_head_train_and_all_get_gradients(method: str, kind: str) -> None:
-    model = tuned(method, kind)
+    model, x = make_backbone(kind), make_input(kind)
+    with torch.no_grad():
+        plain = run(model, x)
+    deltatune.apply(model, method)
+    if getattr(make_config(method), "identity_at_init", False):
+        with torch.no_grad():
+            assert rel_err(run(model, x), plain) <= 1e-6  # the method promises an unchanged output at init
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == set(deltatune.delta_state_dict(model))
-    assert deltatune.trainable_parameters(model) == sum(p.numel() for p in deltatune.delta_state_dict(model).values())
+    saved = deltatune.delta_state_dict(model)
+    bn_stats = {n for n, _ in model.named_buffers() if n.rpartition(".")[2] in ("running_mean", "running_var")}
+    bn_stats |= {n for n, _ in model.named_buffers() if n.endswith("num_batches_tracked")}
+    assert trainable == set(saved) - bn_stats and bn_stats <= set(saved)  # BatchNorm statistics: part of the delta
+    assert deltatune.trainable_parameters(model) == sum(saved[n].numel() for n in trainable)
     perturb_deltas(model)
     run(model, make_input(kind)).square().sum().backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
@@ -51,11 +70,13 @@ def test_only_deltas_and_head_train_and_all_get_gradients(method: str, kind: str
 @pytest.mark.parametrize("method,kind", CASES)
 def test_merge_matches_unmerged(method: str, kind: str) -> None:
     model = tuned(method, kind)
-    plain_count = sum(p.numel() for p in make_backbone(kind).parameters())
+    plain_names = dict(make_backbone(kind).named_parameters())
+    plain_count = sum(p.numel() for p in plain_names.values())
     perturb_deltas(model)
     x = make_input(kind)
     with torch.no_grad():
         before = run(model, x)
+        assert torch.equal(run(model, x), before)  # an eval model is deterministic (dropouts follow the mode)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             deltatune.merge(model)
@@ -64,7 +85,9 @@ def test_merge_matches_unmerged(method: str, kind: str) -> None:
     mergeable = deltatune.registry.config_class(method).mergeable
     if mergeable:
         assert not delta_modules(model)
-        assert sum(p.numel() for p in model.parameters()) == plain_count
+        added = set(dict(model.named_parameters())) - set(plain_names)  # SSF's fold gives bias-free convs a bias
+        assert all(n.endswith(".bias") for n in added)
+        assert sum(p.numel() for n, p in model.named_parameters() if n not in added) == plain_count
         layout = {n: type(m) for n, m in make_backbone(kind).named_modules()}
         assert {n: type(m) for n, m in model.named_modules()} == layout  # the plain architecture, module for module
         assert not caught
@@ -81,13 +104,24 @@ def test_merge_matches_unmerged(method: str, kind: str) -> None:
 @pytest.mark.parametrize("method,kind", CASES)
 def test_save_load_reproduces_outputs(method: str, kind: str, tmp_path) -> None:
     model = tuned(method, kind)
+    assert modes(model) == {False}  # apply on an eval model leaves every module, wrappers included, in eval mode
     perturb_deltas(model)
     path = tmp_path / "delta.safetensors"
     size = deltatune.save_delta(model, path)
     assert size == path.stat().st_size
     fresh = deltatune.load_delta(make_backbone(kind), path)
+    assert modes(fresh) == {False}
     x = make_input(kind)
     with torch.no_grad():
         assert torch.equal(run(fresh, x), run(model, x))
     assert deltatune.trainable_parameters(fresh) == deltatune.trainable_parameters(model)
     assert deltatune.summary(fresh) == deltatune.summary(model)
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_wrappers_follow_a_training_model(method: str, kind: str) -> None:
+    model = make_backbone(kind).train()
+    deltatune.apply(model, method)
+    assert modes(model) == {True}
+    model.eval()
+    assert modes(model) == {False}

@@ -52,7 +52,8 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "resnet": _resnet,
     "bert": _bert,
 }
-BACKBONES = list(BUILDERS)
+ALL_BACKBONES = list(BUILDERS)  # the contract tests run every method on each
+BACKBONES = [k for k in ALL_BACKBONES if k != "resnet"]  # those with presets for the block-based methods
 
 
 def make_backbone(kind: str, seed: int = 0) -> nn.Module:

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import BACKBONES, make_backbone, make_input, perturb_deltas, rel_err, run
+from conftest import ALL_BACKBONES, make_backbone, make_input, perturb_deltas, rel_err, run
 
 import deltatune
 from deltatune.core import delta_modules
@@ -24,7 +24,7 @@ NOT_APPLICABLE: set[tuple[str, str]] = {
     *((m, "resnet") for m in ("adapter", "mimi", "phm-adapter", "compacter", "adaptformer", "lora")),
     *((m, "resnet") for m in ("fact-tt", "fact-tk", "attn-only", "mlp-only")),
 }
-CASES = [(m, k) for m in deltatune.methods() for k in BACKBONES if (m, k) not in NOT_APPLICABLE]
+CASES = [(m, k) for m in deltatune.methods() for k in ALL_BACKBONES if (m, k) not in NOT_APPLICABLE]
 
 
 def tuned(method: str, kind: str):

@@ -75,7 +75,8 @@ def main() -> None:
             results.append(row)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+        args.out.write_text(json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,16 @@ import torch
 from torch import nn
 
 from deltatune import _deltafile as fmt
-from deltatune.core import _require_state, apply, delta_modules, delta_state_dict, fingerprint, state_of, unwrap
+from deltatune.core import (
+    _require_state,
+    apply,
+    delta_modules,
+    delta_state_dict,
+    fingerprint,
+    state_of,
+    uncompiled,
+    unwrap,
+)
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import config_from_dict, config_to_dict
 from deltatune.targeting import innermost
@@ -46,6 +55,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike) -> int:
     from deltatune import __version__
     from deltatune.methods.prefix import stored_form
 
+    model = uncompiled(model)
     state = _require_state(model, "save_delta")
     if state.merged:
         _refuse_folded(model, state)
@@ -66,6 +76,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike) -> int:
         "backbone_shapes": _dumps(state.shapes),
         "backbone_values": _dumps([[n, tensor_hash(p)] for n, p in plain_parameters(model) if id(p) not in trained]),
         "pretrained": pretrained_tag(model),
+        "bn_stats": state.bn_stats,
     }
     return fmt.write(Path(path), tensors, metadata)
 
@@ -128,7 +139,7 @@ def load_delta(
     ``check_backbone="shapes"`` accepts a backbone whose frozen values differ from the one the file was trained
     on (same architecture): only for deliberate transfers, the outputs will differ from the trained model's.
     """
-    path = Path(path)
+    path, outer, model = Path(path), model, uncompiled(model)
     if check_backbone not in CHECKS:
         raise DeltaTuneError(f"load_delta: check_backbone must be one of {CHECKS}, got {check_backbone!r}")
     if state_of(model) is not None:
@@ -139,12 +150,13 @@ def load_delta(
     if method is not None and sorted([method] if isinstance(method, str) else method) != sorted(names):
         raise DeltaTuneError(f"{str(path)!r} holds method(s) {names}, not {method}; load the right file")
     head: bool | str = meta.get("head") or False
+    bn_stats = meta.get("bn_stats", "delta")
     _check_shapes(model, meta, path)
-    trained = _dry_run(model, stages, head, tensors, path)
+    trained = _dry_run(model, stages, head, bn_stats, tensors, path)
     if check_backbone == "values" and "backbone_values" in meta:
         _check_values(model, meta, trained, path)
     try:
-        _apply_stages(model, stages, head)
+        _apply_stages(model, stages, head, bn_stats)
         targets = model.state_dict(keep_vars=True)
         with torch.no_grad():
             for name, tensor in tensors.items():
@@ -152,13 +164,14 @@ def load_delta(
     except Exception:
         unwrap(model)
         raise
-    return model
+    return outer
 
 
-def _apply_stages(model: nn.Module, stages: list[dict[str, Any]], head: bool | str) -> None:
+def _apply_stages(model: nn.Module, stages: list[dict[str, Any]], head: bool | str, bn_stats: str) -> None:
     for stage in sorted({s["stage"] for s in stages}):
         group = [s for s in stages if s["stage"] == stage]
-        apply(model, [config_from_dict(s) for s in group], head=head if group[0]["head"] else False)
+        configs = [config_from_dict(s) for s in group]
+        apply(model, configs, head=head if group[0]["head"] else False, bn_stats=bn_stats)
 
 
 def _check_shapes(model: nn.Module, meta: dict[str, str], path: Path) -> None:
@@ -180,13 +193,18 @@ def _check_shapes(model: nn.Module, meta: dict[str, str], path: Path) -> None:
 
 
 def _dry_run(
-    model: nn.Module, stages: list[dict[str, Any]], head: bool | str, tensors: dict[str, torch.Tensor], path: Path
+    model: nn.Module,
+    stages: list[dict[str, Any]],
+    head: bool | str,
+    bn_stats: str,
+    tensors: dict[str, torch.Tensor],
+    path: Path,
 ) -> set[str]:
     """Rebuilds the file's methods on a meta-device copy (nothing allocated, the model untouched) and checks the
     file's tensors against what they create; returns the backbone names of the parameters the file trains."""
     ghost = meta_copy(model)
     try:
-        _apply_stages(ghost, stages, head)
+        _apply_stages(ghost, stages, head, bn_stats)
     except Exception as e:  # any failure to rebuild a file's methods is the file's problem, never a crash
         detail = str(e) if isinstance(e, DeltaTuneError) else f"{type(e).__name__}: {e}"
         raise DeltaTuneError(f"{str(path)!r}: its methods cannot be rebuilt on this model: {detail[:300]}") from e

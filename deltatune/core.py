@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import make_config
-from deltatune.targeting import find_head, innermost, is_delta, set_module
+from deltatune.targeting import find_head, innermost, is_delta, set_module, shared_tensor_error
+
+BN_STATS = ("delta", "frozen")
 
 
 @dataclass
@@ -52,11 +54,19 @@ class DeltaState:
     head: str | None
     entries: list[Entry] = field(default_factory=list)
     merged: bool = False
+    bn_stats: str = "delta"
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``d model wraps (its ``_orig_mod``), else the model: deltas live on that module."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
 
 
 def state_of(model: nn.Module) -> DeltaState | None:
     """The model's DeltaState, or None for a plain backbone."""
-    return model.__dict__.get("_deltatune")
+    return uncompiled(model).__dict__.get("_deltatune")
 
 
 def fingerprint(model: nn.Module) -> tuple[str, dict[str, list[int]]]:
@@ -79,12 +89,19 @@ def _serialised(fn: Any) -> Any:
 
 
 @_serialised
-def apply(model: nn.Module, method: Any, head: bool | str = True, **options: Any) -> nn.Module:
+def apply(
+    model: nn.Module, method: Any, head: bool | str = True, bn_stats: str | None = None, **options: Any
+) -> nn.Module:
     """Applies a method (name, config, or list of them trained together) in place and freezes all but its deltas.
 
     Calling ``apply`` again on a tuned model adds a new stage (sequential combination): the earlier stages'
     deltas stay frozen. ``head`` keeps the classification head trainable (True), frozen (False), or names it.
+    ``bn_stats`` says what the backbone's BatchNorm running statistics do in train mode: ``"delta"`` (default) they
+    update and are saved with the delta; ``"frozen"`` the layers normalise with the backbone's statistics, which
+    never change. New wrappers take their base layer's train/eval mode. A ``torch.compile``d model is tuned through
+    the module it wraps.
     """
+    outer, model = model, uncompiled(model)
     methods = method if isinstance(method, list | tuple) else [method]
     if not methods:
         raise DeltaTuneError("apply: empty method list; name at least one of deltatune.methods()")
@@ -99,26 +116,64 @@ def apply(model: nn.Module, method: Any, head: bool | str = True, **options: Any
         fp, shapes = fingerprint(model)
         n_params = sum(p.numel() for p in model.parameters())
         head_name = find_head(model, head if isinstance(head, str) else True)  # head=False: frozen, still not a site
-        state = DeltaState(fp, shapes, type(model).__name__, n_params, head_name)
+        state = DeltaState(fp, shapes, type(model).__name__, n_params, head_name, bn_stats=_bn_option(bn_stats))
         model.__dict__["_deltatune"] = state
     elif state.merged:
         raise DeltaTuneError("apply: this model was merged; apply methods to a fresh backbone instead")
     elif isinstance(head, str) and head != state.head:
         raise DeltaTuneError(f"apply: head={head!r} differs from the head chosen earlier ({state.head!r})")
+    elif bn_stats is not None and bn_stats != state.bn_stats:
+        raise DeltaTuneError(f"apply: bn_stats={bn_stats!r} differs from the first stage's ({state.bn_stats!r})")
     stage = 1 + max((e.stage for e in state.entries), default=-1)
     skip = (state.head,) if state.head else ()
     try:
         for config in configs:
             applied = config.apply(model, skip)
-            for _, module in delta_modules(model):
-                if module.delta_stage is None:
-                    module.delta_stage = stage
+            new = [(n, m) for n, m in delta_modules(model) if m.delta_stage is None]
+            for _, module in new:
+                module.delta_stage = stage
+                _adopt(module)
+            if config.mergeable:
+                _refuse_shared(model, config.name, [n for n, _ in new])
             state.entries.append(Entry(config, stage, bool(head), applied.sites, applied.selected))
     except Exception:
         _rollback(model, state, stage)
         raise
     _set_trainable(model, state, stage)
-    return model
+    freeze_batchnorm(model, state.bn_stats == "frozen")
+    return outer
+
+
+def _bn_option(bn_stats: str | None) -> str:
+    if bn_stats is None:
+        return "delta"
+    if bn_stats not in BN_STATS:
+        raise DeltaTuneError(f"apply: bn_stats must be one of {', '.join(map(repr, BN_STATS))}, got {bn_stats!r}")
+    return bn_stats
+
+
+def _adopt(wrapper: nn.Module) -> None:
+    """A new wrapper follows its base layer: the base's train/eval mode, and its ``weight``/``bias`` for reading.
+
+    Its own submodules (dropouts, adapter layers) take the base's mode; the base's subtree is left as it is. Code
+    that reads a wrapped layer's tensors (HF reads ``projection.weight.dtype``) sees the innermost base's.
+    """
+    base = innermost(wrapper)
+    wrapper.training = base.training
+    for child in wrapper.children():
+        if child is not getattr(wrapper, "base", None):
+            child.train(base.training)
+    cls = type(wrapper)
+    for attr in ("weight", "bias"):
+        if not hasattr(cls, attr):
+            setattr(cls, attr, property(lambda self, a=attr: getattr(innermost(self), a, None), doc=f"base's {attr}"))
+
+
+def _refuse_shared(model: nn.Module, method: str, wrappers: list[str]) -> None:
+    """Raises if a new mergeable wrapper's base tensors are shared with a module outside it (tied weights)."""
+    message = shared_tensor_error(model, wrappers, method) if wrappers else None
+    if message:
+        raise DeltaTuneError(message)
 
 
 def _rollback(model: nn.Module, state: DeltaState, stage: int) -> None:
@@ -129,6 +184,7 @@ def _rollback(model: nn.Module, state: DeltaState, stage: int) -> None:
     state.entries = [e for e in state.entries if e.stage != stage]
     if not state.entries:
         model.__dict__.pop("_deltatune", None)
+        freeze_batchnorm(model, False)
 
 
 def _set_trainable(model: nn.Module, state: DeltaState, stage: int) -> None:
@@ -159,11 +215,17 @@ def entry_parameters(model: nn.Module, entry: Entry) -> list[nn.Parameter]:
 
 def trainable_parameters(model: nn.Module) -> int:
     """Number of parameters that require grad (each shared tensor counted once)."""
+    model = uncompiled(model)
     return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
 
 
 def delta_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The delta and head tensors, by their names in the tuned model (what a delta file stores)."""
+    """The delta and head tensors, by their names in the tuned model (what a delta file stores).
+
+    With ``bn_stats="delta"`` (the default) it also holds the running statistics of every BatchNorm layer: training
+    in train mode updates them, and the trained model is not reproduced without them.
+    """
+    model = uncompiled(model)
     state = _require_state(model, "delta_state_dict")
     wanted = {id(p) for e in state.entries for p in entry_parameters(model, e)}
     if _head_trained(state):
@@ -172,7 +234,37 @@ def delta_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, p in model.named_parameters(remove_duplicate=True):
         if id(p) in wanted:
             out[name] = p.detach()
+    if state.bn_stats == "delta":
+        out.update(batchnorm_statistics(model))
     return out
+
+
+def batchnorm_statistics(model: nn.Module) -> dict[str, Tensor]:
+    """The running statistics (mean, var, batches tracked) of every BatchNorm layer, by their names in the model."""
+    out: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                tensor = module._buffers.get(key)
+                if tensor is not None:
+                    out[f"{name}.{key}" if name else key] = tensor.detach()
+    return out
+
+
+def _eval_only(self: nn.Module, mode: bool = True) -> nn.Module:
+    """``train()`` of a frozen BatchNorm layer: it stays in eval mode, normalising with its running statistics."""
+    return nn.Module.train(self, False)
+
+
+def freeze_batchnorm(model: nn.Module, frozen: bool) -> None:
+    """Keeps every BatchNorm layer in eval mode whatever ``model.train()`` says (``frozen``), or undoes that."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if frozen:
+                module.train = _eval_only.__get__(module)
+                module.training = False
+            elif "train" in module.__dict__:
+                del module.train
 
 
 def _head_trained(state: DeltaState) -> bool:
@@ -192,6 +284,7 @@ def merge(model: nn.Module) -> nn.Module:
     Merges are computed in float64 and rounded once to the weights' dtype. Deltas that cannot be merged (e.g.
     adapters) stay in place and a warning names them. Merging twice changes nothing.
     """
+    outer, model = model, uncompiled(model)
     unmerged: list[str] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -216,11 +309,13 @@ def merge(model: nn.Module) -> nn.Module:
             + (" ..." if len(unmerged) > 4 else ""),
             stacklevel=2,
         )
-    return model
+    return outer
 
 
 def unwrap(model: nn.Module) -> None:
     """Removes every delta wrapper (keeping its base layer) and the deltatune record: back to the plain backbone."""
+    model = uncompiled(model)
+    freeze_batchnorm(model, False)
     for name, module in reversed(delta_modules(model)):
         if name:
             set_module(model, name, innermost(module))
@@ -229,6 +324,7 @@ def unwrap(model: nn.Module) -> None:
 
 def summary(model: nn.Module) -> str:
     """A table of each applied method: stage, sites, parameters, % of the backbone and whether it merges."""
+    model = uncompiled(model)
     state = _require_state(model, "summary")
     rows = [("method", "stage", "sites", "parameters", "% of backbone", "mergeable")]
     for e in state.entries:

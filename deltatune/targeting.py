@@ -2,7 +2,10 @@
 
 Rules (as HF peft's): a string is a regular expression matched against the whole module name; a list matches
 exact names or name suffixes (``"attn.qkv"`` matches ``"blocks.0.attn.qkv"``); exclusions win. Modules inside
-an existing delta wrapper are never sites themselves; the wrapper stands for its base layer.
+an existing delta wrapper are never sites themselves; the wrapper stands for its base layer. The output embedding
+(``get_output_embeddings()``, e.g. a causal LM's ``lm_head``) is a site only when a list names it: a regex (a
+preset, ``"all-linear"``) never selects it, as peft leaves the output layer out. The classification head is never
+a site (``skip``).
 """
 
 from __future__ import annotations
@@ -99,11 +102,15 @@ def find_sites(
 
     Raises DeltaTuneError when nothing matches or a match is of an unsupported type.
     """
-    found, bad = [], []
+    found, bad, outputs = [], [], []
+    output_names = output_layers(model)
     for name, module in iter_sites(model):
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
         if not matches(name, targets) or (exclude is not None and matches(name, exclude)):
+            continue
+        if name in output_names and isinstance(targets, str):
+            outputs.append(name)
             continue
         if isinstance(innermost(module), supported):
             found.append((name, module))
@@ -116,11 +123,47 @@ def find_sites(
             f"but {method!r} supports only {kinds}; target layers of those types instead"
         )
     if not found:
+        hint = f" (the output layer is a site only when a list names it: target_modules={outputs!r})" if outputs else ""
         raise DeltaTuneError(
             f"method {method!r}: target_modules={targets!r} matched no module of type {kinds} "
-            f"in {type(model).__name__}; candidates: {candidates(model, supported)}"
+            f"in {type(model).__name__}; candidates: {candidates(model, supported)}{hint}"
         )
     return found
+
+
+def output_layers(model: nn.Module) -> set[str]:
+    """Names of the model's output embedding (HF ``get_output_embeddings()``, e.g. ``lm_head``), if any."""
+    get = getattr(model, "get_output_embeddings", None)
+    module = get() if callable(get) else None
+    if not isinstance(module, nn.Module):
+        return set()
+    return {n for n, m in model.named_modules(remove_duplicate=False) if m is module or innermost(m) is module}
+
+
+def shared_tensor_error(model: nn.Module, sites: list[str], method: str) -> str | None:
+    """Why a wrapper at one of ``sites`` must not fold into its base's tensors, or None.
+
+    A base whose weight or bias is also held by a module outside the wrapper (tied input and output embeddings,
+    say) would change that module too when merged. Found by tensor identity over every path to every module.
+    """
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for key, tensor in module._parameters.items():
+            if tensor is not None:
+                holders.setdefault(id(tensor), []).append((name, key))
+    for site in sites:
+        wrapper, base = get_module(model, site), innermost(get_module(model, site))
+        inside = [n + "." for n, m in model.named_modules(remove_duplicate=False) if m is wrapper]
+        for key in ("weight", "bias"):
+            tensor = base._parameters.get(key)
+            others = [n for n, _ in holders.get(id(tensor), []) if not n.startswith(tuple(inside))]
+            if tensor is not None and others:
+                return (
+                    f"method {method!r}: site {site!r} shares its {key} with {others[0]!r} (tied weights), so "
+                    f"merging would change {others[0]!r} too; leave the site out (exclude_modules=[{site!r}]) or "
+                    f"untie the weights first (e.g. module.weight = nn.Parameter(module.weight.clone()))"
+                )
+    return None
 
 
 def config_sites(

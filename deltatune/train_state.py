@@ -180,7 +180,7 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _load_module(module: nn.Module, tensors: dict[str, Tensor], prefix: str, path: Path) -> None:
-    params = dict(module.named_parameters())
+    params = {**dict(module.named_buffers()), **dict(module.named_parameters())}  # delta: BatchNorm statistics too
     buffers = dict(module.named_buffers())
     expected = {f"{prefix}/param/{k}" for k in delta_state_dict(module)}
     expected |= {f"{prefix}/buffer/{k}" for k in module.state_dict() if k in buffers}

@@ -1,7 +1,9 @@
-"""Tiny backbones for the tests: timm ViT, Swin, ConvNeXt, MLP-Mixer and an HF BERT, each with an input."""
+"""Tiny backbones for the tests: timm ViT, Swin, ConvNeXt, MLP-Mixer, a BatchNorm ResNet and an HF BERT."""
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,10 @@ def _mixer() -> nn.Module:
     return MlpMixer(embed_dim=32, num_blocks=2, img_size=32, patch_size=8, num_classes=5)
 
 
+def _resnet() -> nn.Module:
+    return timm.create_model("test_resnet", num_classes=5)
+
+
 def _bert() -> nn.Module:
     from transformers import BertForSequenceClassification
 
@@ -43,19 +49,34 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "swin": _swin,
     "convnext": _convnext,
     "mixer": _mixer,
+    "resnet": _resnet,
     "bert": _bert,
 }
-BACKBONES = list(BUILDERS)
+ALL_BACKBONES = list(BUILDERS)  # the contract tests run every method on each
+BACKBONES = [k for k in ALL_BACKBONES if k != "resnet"]  # those with presets for the block-based methods
 
 
 def make_backbone(kind: str, seed: int = 0) -> nn.Module:
-    """A tiny backbone in eval mode, with weights moved off timm's special inits so every delta shows."""
+    """A tiny backbone in eval mode, with weights moved off timm's special inits so every delta shows (a fresh copy)."""
+    model = copy.deepcopy(_prototype(kind, seed))
+    torch.manual_seed(seed)
+    return model
+
+
+@functools.cache
+def _prototype(kind: str, seed: int) -> nn.Module:
+    """Built once per session: timm's init costs more than a copy."""
     torch.manual_seed(seed)
     model = BUILDERS[kind]().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("gamma") or "head" in name or "classifier" in name:
                 p.normal_(0.0, 0.5)  # ConvNeXt layer scale (1e-6) and zero-init heads would hide deltas
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):  # off the identity: zero-init gammas, 0/1 stats
+                module.weight.uniform_(0.5, 1.5)
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
     return model
 
 

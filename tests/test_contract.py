@@ -6,11 +6,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import BACKBONES, make_backbone, make_input, perturb_deltas, rel_err, run
+from conftest import ALL_BACKBONES, make_backbone, make_input, perturb_deltas, rel_err, run
 
 import deltatune
 from deltatune.core import delta_modules
 from deltatune.methods.prefix import stored_form
+from deltatune.registry import make_config
 
 # (method, backbone) pairs where the method does not apply: apply must raise DeltaTuneError there.
 NOT_APPLICABLE: set[tuple[str, str]] = {
@@ -19,8 +20,12 @@ NOT_APPLICABLE: set[tuple[str, str]] = {
     *(("prompt", k) for k in ("vit", "swin", "convnext", "mixer")),  # input embeddings of HF text models
     *(("prefix", k) for k in ("swin", "convnext", "mixer")),
     *((m, k) for m in ("fact-tt", "fact-tk", "attn-only", "ia3") for k in ("convnext", "mixer")),  # no attention blocks
+    *(("prompt", "resnet"), ("prefix", "resnet"), ("vpt-shallow", "resnet"), ("vpt-deep", "resnet")),
+    # no preset for a ResNet (no blocks with attention/MLP outputs or Linear layers but the head)
+    *((m, "resnet") for m in ("adapter", "mimi", "phm-adapter", "compacter", "adaptformer", "lora")),
+    *((m, "resnet") for m in ("fact-tt", "fact-tk", "attn-only", "mlp-only", "ia3")),
 }
-CASES = [(m, k) for m in deltatune.methods() for k in BACKBONES if (m, k) not in NOT_APPLICABLE]
+CASES = [(m, k) for m in deltatune.methods() for k in ALL_BACKBONES if (m, k) not in NOT_APPLICABLE]
 
 
 OPTIONS = {"phm-adapter": {"n": 4}}  # the official n = 12 divides none of the tiny widths
@@ -28,6 +33,11 @@ OPTIONS = {"phm-adapter": {"n": 4}}  # the official n = 12 divides none of the t
 
 def tuned(method: str, kind: str):
     return deltatune.apply(make_backbone(kind), method, **OPTIONS.get(method, {}))
+
+
+def modes(model: torch.nn.Module) -> set[bool]:
+    """The train/eval flags found on the model's modules."""
+    return {m.training for m in model.modules()}
 
 
 @pytest.mark.parametrize("method,kind", sorted(NOT_APPLICABLE))
@@ -40,10 +50,19 @@ def test_not_applicable_raises_and_leaves_model_plain(method: str, kind: str) ->
 
 @pytest.mark.parametrize("method,kind", CASES)
 def test_only_deltas_and_head_train_and_all_get_gradients(method: str, kind: str) -> None:
-    model = tuned(method, kind)
+    model, x = make_backbone(kind), make_input(kind)
+    with torch.no_grad():
+        plain = run(model, x)
+    deltatune.apply(model, method)
+    if getattr(make_config(method), "identity_at_init", False):
+        with torch.no_grad():
+            assert rel_err(run(model, x), plain) <= 1e-6  # the method promises an unchanged output at init
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == set(deltatune.delta_state_dict(model))
-    assert deltatune.trainable_parameters(model) == sum(p.numel() for p in deltatune.delta_state_dict(model).values())
+    saved = deltatune.delta_state_dict(model)
+    bn_stats = {n for n, _ in model.named_buffers() if n.rpartition(".")[2] in ("running_mean", "running_var")}
+    bn_stats |= {n for n, _ in model.named_buffers() if n.endswith("num_batches_tracked")}
+    assert trainable == set(saved) - bn_stats and bn_stats <= set(saved)  # BatchNorm statistics: part of the delta
+    assert deltatune.trainable_parameters(model) == sum(saved[n].numel() for n in trainable)
     perturb_deltas(model)
     run(model, make_input(kind)).square().sum().backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
@@ -55,11 +74,13 @@ def test_only_deltas_and_head_train_and_all_get_gradients(method: str, kind: str
 @pytest.mark.parametrize("method,kind", CASES)
 def test_merge_matches_unmerged(method: str, kind: str) -> None:
     model = tuned(method, kind)
-    plain_count = sum(p.numel() for p in make_backbone(kind).parameters())
+    plain_names = dict(make_backbone(kind).named_parameters())
+    plain_count = sum(p.numel() for p in plain_names.values())
     perturb_deltas(model)
     x = make_input(kind)
     with torch.no_grad():
         before = run(model, x)
+        assert torch.equal(run(model, x), before)  # an eval model is deterministic (dropouts follow the mode)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             deltatune.merge(model)
@@ -70,7 +91,10 @@ def test_merge_matches_unmerged(method: str, kind: str) -> None:
         kept = {n: m for n, m in delta_modules(model)}
         assert all(getattr(m, "mergeable", True) is False for m in kept.values())
         extra = sum(p.numel() for m in kept.values() for p in m.delta_parameters())
-        assert sum(p.numel() for p in model.parameters()) == plain_count + extra
+        inside_kept = {n for n, _ in model.named_parameters() if any(n.startswith(k + ".") for k in kept)}
+        added = set(dict(model.named_parameters())) - set(plain_names) - inside_kept
+        assert all(n.endswith(".bias") for n in added)  # SSF's fold gives bias-free convs a bias
+        assert sum(p.numel() for n, p in model.named_parameters() if n not in added) == plain_count + extra
         layout = {n: type(m) for n, m in make_backbone(kind).named_modules()}
         plain = {n: t for n, t in layout.items() if n not in kept}
         inside = {n for n, _ in model.named_modules() for k in kept if n == k or n.startswith(k + ".")}
@@ -92,14 +116,25 @@ def test_merge_matches_unmerged(method: str, kind: str) -> None:
 @pytest.mark.parametrize("method,kind", CASES)
 def test_save_load_reproduces_outputs(method: str, kind: str, tmp_path) -> None:
     model = tuned(method, kind)
+    assert modes(model) == {False}  # apply on an eval model leaves every module, wrappers included, in eval mode
     perturb_deltas(model)
     stored = stored_form(model)  # what a delta file holds: prefix tuning's MLP folded into each layer's prefixes
     path = tmp_path / "delta.safetensors"
     size = deltatune.save_delta(model, path)
     assert size == path.stat().st_size
     fresh = deltatune.load_delta(make_backbone(kind), path)
+    assert modes(fresh) == {False}
     x = make_input(kind)
     with torch.no_grad():
         assert torch.equal(run(fresh, x), run(stored, x))
     assert deltatune.trainable_parameters(fresh) == sum(t.numel() for t in deltatune.delta_state_dict(stored).values())
     assert deltatune.summary(fresh).split("trainable now")[0] == deltatune.summary(stored).split("trainable now")[0]
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_wrappers_follow_a_training_model(method: str, kind: str) -> None:
+    model = make_backbone(kind).train()
+    deltatune.apply(model, method)
+    assert modes(model) == {True}
+    model.eval()
+    assert modes(model) == {False}

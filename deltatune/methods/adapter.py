@@ -60,6 +60,11 @@ class AdapterConfig:
     mergeable: ClassVar[bool] = False
     name: ClassVar[str]
 
+    @property
+    def identity_at_init(self) -> bool:
+        """Whether the model's output is unchanged right after apply: only with a zero-initialised W_up."""
+        return self.zero_up
+
     def __post_init__(self) -> None:
         if self.act not in ACTIVATIONS:
             raise DeltaTuneError(f"adapter: unknown act {self.act!r}; choose one of {', '.join(ACTIVATIONS)}")

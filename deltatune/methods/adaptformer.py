@@ -65,6 +65,7 @@ class AdaptFormerConfig:
     """Sites to leave out (wins over target_modules)."""
 
     mergeable: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
     def __post_init__(self) -> None:

@@ -56,6 +56,7 @@ class LoRAConfig:
     """For fused qkv projections: the parts that get LoRA, e.g. "qv". None: the whole layer."""
 
     mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
     def __post_init__(self) -> None:

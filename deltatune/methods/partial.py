@@ -71,6 +71,7 @@ class AttnOnlyConfig:
     """Attention modules whose parameters train. Default: the family's attention modules."""
 
     mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
@@ -86,6 +87,7 @@ class MLPOnlyConfig:
     """MLP modules whose parameters train. Default: the family's MLP modules."""
 
     mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
@@ -101,6 +103,7 @@ class LayerNormConfig:
     """Norm layers to train (regex or list of names/suffixes). Default: every norm layer outside the head."""
 
     mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:

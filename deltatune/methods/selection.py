@@ -21,6 +21,7 @@ class FullConfig:
     """Full fine-tuning: every parameter trains (the baseline every method is compared to)."""
 
     mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
@@ -33,6 +34,7 @@ class LinearConfig:
     """Linear probe: only the classification head trains."""
 
     mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
@@ -50,6 +52,7 @@ class BitFitConfig:
     """Modules whose biases train (regex or list of names/suffixes). Default: every module with a bias."""
 
     mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:

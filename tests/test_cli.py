@@ -119,14 +119,16 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         pytest.skip("the offline ViT weights are not built yet")
     out = tmp_path / "demo"
     argv = ["demo", "--methods", "linear,ssf,lora", "--epochs", "1", "--max-train-samples", "64"]
-    argv += ["--max-eval-samples", "128", "--benchmark-seconds", "0.05", "--threads", "1", "--out", str(out)]
+    argv += ["--max-eval-samples", "128", "--inference-rounds", "2", "--threads", "1", "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "same class after merging" in text and "GFLOPs merged" in text
     result = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in result["rows"]] == ["linear", "ssf", "lora"]
     for row in result["rows"]:
-        assert row["delta_bytes"] == Path(row["delta_path"]).stat().st_size and 0 <= row["top1"] <= 100
+        assert row["delta_bytes"] == Path(row["delta_path"]).stat().st_size
+        assert Path(row["delta_path"]) == out / row["method"] / "delta.safetensors"  # one copy, no runs/ nesting
+        assert isinstance(row["infer_x_plain"], float) and isinstance(row["infer_merged_x_plain"], float)
     for method in ("ssf", "lora"):
         check = result["merge_checks"][method]
         assert check["agreement"] == 1.0 and check["max_logit_diff"] < 1e-3 and check["images"] == 128
@@ -134,3 +136,4 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert check["reloaded_top1"] == pytest.approx(row["top1"])
         assert row["gflops_merged"] == pytest.approx(row["gflops_backbone"])
     assert (out / "accuracy_vs_params.png").stat().st_size > 1000 and (out / "results.md").is_file()
+    assert sorted(p.name for p in out.rglob("*.safetensors")) == ["delta.safetensors"] * 3

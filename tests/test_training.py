@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tiny_run import save_word_bert, tiny_config
 
 import deltatune
+from deltatune.backbones import create_backbone
 from deltatune.data import Data, TensorImages, load_data
 from deltatune.report import count_gflops, format_table
 from deltatune.train_state import read_info
@@ -24,28 +25,78 @@ def _plain_test_vit(num_classes: int = 4) -> torch.nn.Module:
     return timm.create_model("test_vit", pretrained=False, num_classes=num_classes, img_size=32, patch_size=8)
 
 
-@pytest.mark.parametrize("method", deltatune.methods())
-def test_every_method_reduces_the_loss(method: str, tmp_path: Path, text_model: dict) -> None:
-    cfg = tiny_config(
-        tmp_path,
-        method=method,
-        epochs=3,
-        max_train_samples=128,
-        max_eval_samples=64,
-        eval_every=0,
-        threads=1,
-        checkpoint_every=0,
-    )
-    try:
-        report = train(cfg)
-    except deltatune.DeltaTuneError as vit_error:  # a text-only method (prompt, prefix): use the tiny BERT
-        try:
-            report = train({**cfg, **text_model, "epochs": 6, "lr": 1e-2})
-        except deltatune.DeltaTuneError as bert_error:
-            pytest.skip(f"{method} applies to neither tiny model: {vit_error} / {bert_error}")
+# method -> the tiny backbones its loss test trains on: "vit" is tiny_config's random-init test_vit, "bert" the
+# text_model fixture. "linear" trains only the head, which the loss test freezes: test_linear_trains_only_the_head
+# covers it. "full" trains every weight, the head included, by definition. Prompt tuning on BERT (and prefix tuning and
+# adapters there) do not move this keyword task's loss through a frozen classifier in 8 epochs (they passed before only
+# because the head trained); their frozen-head loss test is test_family's test_trains_then_save_load_reproduces_outputs
+# on the wider-weight BERT.
+LOSS_BACKBONES: dict[str, tuple[str, ...]] = {
+    "adapter": ("vit",),
+    "adaptformer": ("vit",),
+    "attn-only": ("vit",),
+    "bitfit": ("vit",),
+    "compacter": ("vit",),
+    "fact-tk": ("vit",),
+    "fact-tt": ("vit",),
+    "full": ("vit",),
+    "layernorm": ("vit",),
+    "lora": ("vit", "bert"),
+    "mimi": ("vit",),
+    "mlp-only": ("vit",),
+    "phm-adapter": ("vit",),
+    "prefix": ("vit",),
+    "ssf": ("vit", "bert"),
+    "vpt-deep": ("vit",),
+    "vpt-shallow": ("vit",),
+}
+
+
+def test_every_method_has_a_loss_test() -> None:
+    assert set(LOSS_BACKBONES) | {"linear", "prompt"} == set(deltatune.methods())
+
+
+@pytest.fixture
+def wide_frozen_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train() builds timm backbones whose fresh head is N(0, 0.5), as conftest.make_backbone does: a frozen head at
+    timm's 0.02 scale passes so little signal back that bitfit or VPT cannot move the loss in a few steps."""
+    from deltatune import training
+
+    def create(*args: object, **kwargs: object) -> torch.nn.Module:
+        model = create_backbone(*args, **kwargs)
+        if not hasattr(model, "get_classifier"):  # the text model: its trained classifier stays as it is
+            return model
+        head = model.get_classifier()
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+        return model
+
+    monkeypatch.setattr(training, "create_backbone", create)
+
+
+@pytest.mark.parametrize(("method", "backbone"), [(m, b) for m, bs in LOSS_BACKBONES.items() for b in bs])
+def test_every_method_reduces_the_loss(
+    method: str, backbone: str, tmp_path: Path, text_model: dict, wide_frozen_head: None
+) -> None:
+    """With the head frozen (``train_head=False``) the loss can only fall through the method's own deltas."""
+    cfg = tiny_config(tmp_path, method=method, epochs=4, max_train_samples=128, max_eval_samples=64, eval_every=0)
+    cfg |= {"threads": 1, "checkpoint_every": 0, "train_head": False}
+    if backbone == "bert":
+        cfg |= {**text_model, "epochs": 8, "lr": 1e-2}
+    report = train(cfg)
     losses = [h["train_loss"] for h in report["history"]]
     assert losses[-1] < 0.8 * losses[0], losses
-    assert report["trainable_params"] > 0
+    head = {k for k in load_file(report["delta_path"]) if k.startswith(("head.", "classifier."))}
+    assert method == "full" or not head, f"the head was frozen but the delta file holds {sorted(head)}"
+
+
+def test_linear_trains_only_the_head(tmp_path: Path) -> None:
+    """The linear probe's loss falls through the head alone: the head (64 -> 4) is all that trains and is saved."""
+    report = train(tiny_config(tmp_path, method="linear", epochs=3, max_train_samples=128, eval_every=0, threads=1))
+    losses = [h["train_loss"] for h in report["history"]]
+    assert losses[-1] < 0.8 * losses[0], losses
+    saved = load_file(report["delta_path"])
+    assert sorted(saved) == ["head.bias", "head.weight"] and report["trainable_params"] == 4 * 64 + 4
 
 
 @pytest.mark.parametrize("method", ["ssf", "lora", "bitfit", "adapter"])
@@ -68,7 +119,7 @@ def test_report_numbers_are_consistent(method: str, tmp_path: Path) -> None:
         assert report["merge_agreement"] == 1.0 and report["merge_max_logit_diff"] < 1e-4
     if method == "lora":  # the unmerged branch costs FLOPs (SSF's elementwise ops are not counted by torch)
         assert report["gflops"] > report["gflops_merged"]
-    assert report["images_per_s"] > 0 and 0 <= report["top1"] <= 100
+    assert report["images_per_s"] > 0
     assert json.loads((tmp_path / "report.json").read_text())["delta_bytes"] == report["delta_bytes"]
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1] and log[0]["eval_top1"] == report["top1"]

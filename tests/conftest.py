@@ -58,14 +58,14 @@ BACKBONES = [k for k in ALL_BACKBONES if k != "resnet"]  # those with presets fo
 
 def make_backbone(kind: str, seed: int = 0) -> nn.Module:
     """A tiny backbone in eval mode, with weights moved off timm's special inits so every delta shows (a fresh copy)."""
-    model = copy.deepcopy(_prototype(kind, seed))
-    torch.manual_seed(seed)
-    return model
+    prototype, rng = _prototype(kind, seed)
+    torch.set_rng_state(rng)  # the generator as a fresh build leaves it, so later draws do not depend on the cache
+    return copy.deepcopy(prototype)
 
 
 @functools.cache
-def _prototype(kind: str, seed: int) -> nn.Module:
-    """Built once per session: timm's init costs more than a copy."""
+def _prototype(kind: str, seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """Built once per session (timm's init costs more than a copy), with the generator state the build left."""
     torch.manual_seed(seed)
     model = BUILDERS[kind]().eval()
     with torch.no_grad():
@@ -77,7 +77,7 @@ def _prototype(kind: str, seed: int) -> nn.Module:
                 module.weight.uniform_(0.5, 1.5)
                 module.running_mean.normal_(0.0, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
-    return model
+    return model, torch.get_rng_state()
 
 
 def make_input(kind: str, seed: int = 1) -> Any:

@@ -40,6 +40,7 @@ LOSS_BACKBONES: dict[str, tuple[str, ...]] = {
     "fact-tk": ("vit",),
     "fact-tt": ("vit",),
     "full": ("vit",),
+    "ia3": ("vit",),
     "layernorm": ("vit",),
     "lora": ("vit", "bert"),
     "mimi": ("vit",),
@@ -50,6 +51,9 @@ LOSS_BACKBONES: dict[str, tuple[str, ...]] = {
     "vpt-deep": ("vit",),
     "vpt-shallow": ("vit",),
 }
+
+
+LOSS_OPTIONS: dict[str, dict] = {"phm-adapter": {"n": 4}}  # the official n = 12 divides no tiny width
 
 
 def test_every_method_has_a_loss_test() -> None:
@@ -80,7 +84,7 @@ def test_every_method_reduces_the_loss(
 ) -> None:
     """With the head frozen (``train_head=False``) the loss can only fall through the method's own deltas."""
     cfg = tiny_config(tmp_path, method=method, epochs=4, max_train_samples=128, max_eval_samples=64, eval_every=0)
-    cfg |= {"threads": 1, "checkpoint_every": 0, "train_head": False}
+    cfg |= {"threads": 1, "checkpoint_every": 0, "train_head": False, "method_options": LOSS_OPTIONS.get(method, {})}
     if backbone == "bert":
         cfg |= {**text_model, "epochs": 8, "lr": 1e-2}
     report = train(cfg)

@@ -8,8 +8,9 @@ before the patch tokens::
 
 Init as the official code: U(-v, v) with v = sqrt(6 / (3 * patch_h * patch_w + d)), on Swin with the FIRST stage's
 d for every stage; dropout on the prompts.
-The prompt outputs are removed before the final norm and pooling, so output shapes are unchanged (and average
-pooling sees the patch tokens only). Not mergeable; FLOPs grow with p.
+Output shapes are unchanged: on ViT the prompt outputs are removed before the final norm (the CLS token or an average
+pool of the patches is read, as the official ViT code reads the CLS token); on Swin see below. Not mergeable; FLOPs
+grow with p.
 
 timm ViT/DeiT: the prompts are inserted by a wrapper on ``norm_pre`` (after the position embedding) and removed by
 a wrapper on the final ``norm``. Deep prompts of block i > 0 are written over the prompt positions of the block's
@@ -17,20 +18,21 @@ a wrapper on the final ``norm``. Deep prompts of block i > 0 are written over th
 never read again, so the CLS and patch outputs equal VPT-deep's exactly, at the same FLOPs, while every wrapper
 stays a leaf (other methods can still target the layers inside the blocks).
 
-Swin (``vpt-deep`` only), as the official code (KMnP/vpt ``PromptedSwinTransformer``): the prompts are residual-stream
-tokens, replaced before every block. Each block normalises them with its ``norm1`` and appends them to every window
-(zero relative-position bias and shift mask for them); the window tokens' outputs are the official ones. The prompt
-outputs of every block but the last are replaced before they are read again, so only the last block computes them:
-their attention outputs (prompt queries over each window) are averaged over the windows, added to the prompts, passed
-through the block's ``norm2`` and MLP and the final ``norm``, and the average pool covers prompts and patches
-(``pool_prompts=False``: patches only). Wrappers: every ``WindowAttention``, and ``head.global_pool``. Differences
-from the official code: its mean over windows reshapes (windows * batch) rows in the wrong order, so with a batch of
-several images and several windows in the last stage it mixes the images' prompt outputs; deltatune averages each
-image's own windows (the same whenever the batch holds one image or the last stage has one window, as Swin-T/S/B at
-224 with window 7). In training, stochastic depth draws separate masks for the prompt and patch tokens of an image,
-and dropout draws one mask for the prompts of the whole batch (the official first block draws one per image). So
-p * (sum over blocks of d_block) parameters. ``vpt-shallow`` has no Swin form: timm's Swin keeps tokens on a
-(B, H, W, C) grid, so prompt tokens cannot travel from block to block.
+Swin (``vpt-deep`` only), as the official code (KMnP/vpt ``PromptedSwinTransformer``): the prompts are
+residual-stream tokens, replaced before every block. Each block normalises them with its ``norm1`` and appends them
+to every window (zero relative-position bias and shift mask for them); the window tokens' outputs are the official
+ones. The prompt outputs of every block but the last are replaced before they are read again (patch merging
+included), so only the last block computes them: their attention outputs (prompt queries over each window) are
+averaged over the windows, added to the prompts, passed through the block's ``norm2`` and MLP and the final
+``norm``, and the average pool covers prompts and patches (``pool_prompts=False``: patches only). Wrappers: every
+``WindowAttention``, and ``head.global_pool``. Differences from the official code: its mean over windows reshapes
+(windows * batch) rows in the wrong order, so with a batch of several images and several windows in the last stage
+it mixes the images' prompt outputs; deltatune averages each image's own windows (the same whenever the batch holds
+one image or the last stage has one window, as Swin-T/S/B at 224 with window 7). In train mode, stochastic depth
+draws separate masks for an image's prompt and patch tokens (the official code keeps the backbone in eval mode while
+training), and prompt dropout draws one mask for the whole batch (the official first block draws one per image). So
+p * (sum over blocks of d_block) parameters. ``vpt-shallow`` has no Swin form: timm's Swin keeps tokens on a (B, H,
+W, C) grid, so prompt tokens cannot travel from block to block.
 """
 
 from __future__ import annotations

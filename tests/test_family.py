@@ -264,8 +264,8 @@ def test_vpt_swin_window_attention_equals_prepended_tokens() -> None:
     mask = blk.attn_mask
     assert mask is not None
     x = torch.randn(2 * mask.shape[0], 16, 16)
-    with torch.no_grad():  # reference: prompts as real tokens in every window (VPT/MiMi), outputs dropped
-        p = wrapper.vpt_prompt.expand(x.shape[0], -1, -1)
+    with torch.no_grad():  # reference: prompts (normalised by the block's norm1) in every window, outputs dropped
+        p = blk.norm1(wrapper.vpt_prompt).expand(x.shape[0], -1, -1)
         t = torch.cat([p, x], dim=1)  # (B_, 3 + N, C)
         q, k, v = attn.qkv(t).reshape(t.shape[0], 19, 3, 1, 16).permute(2, 0, 3, 1, 4)
         bias = F.pad(attn._get_rel_pos_bias(), (3, 0, 3, 0))

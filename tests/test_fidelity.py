@@ -189,7 +189,7 @@ def test_vpt_swin_init_bound_uses_the_first_stage_width_for_every_stage() -> Non
     torch.manual_seed(0)
     model = deltatune.apply(make_backbone("swin"), "vpt-deep", num_tokens=200)
     val = math.sqrt(6.0 / (3 * 4 * 4 + 16))
-    prompts = [m.vpt_prompt for _, m in deltatune.core.delta_modules(model)]
+    prompts = [p for _, m in deltatune.core.delta_modules(model) for p in m.delta_parameters()]
     assert {p.shape[1] for p in prompts} == {16, 32}
     for p in prompts:  # U(-val, val): the max |value| of 3200+ draws lies within 1% of val
         assert val * 0.99 < p.abs().max().item() <= val

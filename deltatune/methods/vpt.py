@@ -8,8 +8,9 @@ before the patch tokens::
 
 Init as the official code: U(-v, v) with v = sqrt(6 / (3 * patch_h * patch_w + d)), on Swin with the FIRST stage's
 d for every stage; dropout on the prompts.
-The prompt outputs are removed before the final norm and pooling, so output shapes are unchanged (and average
-pooling sees the patch tokens only). Not mergeable; FLOPs grow with p.
+Output shapes are unchanged: on ViT the prompt outputs are removed before the final norm (the CLS token or an average
+pool of the patches is read, as the official ViT code reads the CLS token); on Swin see below. Not mergeable; FLOPs
+grow with p.
 
 timm ViT/DeiT: the prompts are inserted by a wrapper on ``norm_pre`` (after the position embedding) and removed by
 a wrapper on the final ``norm``. Deep prompts of block i > 0 are written over the prompt positions of the block's
@@ -17,14 +18,21 @@ a wrapper on the final ``norm``. Deep prompts of block i > 0 are written over th
 never read again, so the CLS and patch outputs equal VPT-deep's exactly, at the same FLOPs, while every wrapper
 stays a leaf (other methods can still target the layers inside the blocks).
 
-Swin (``vpt-deep`` only): as the VPT/MiMi Swin baseline, every block's window attention gets p prompt tokens
-prepended to every window (zero relative-position bias and shift mask for them) and their outputs are dropped after
-the attention. Differences from that code: the prompts live in the attention's (normalised) input space, their
-queries, MLP and patch-merging passes are skipped (they only fed the discarded prompt outputs), and the final average
-pooling sees the patch tokens only (the official code's pool also covers the last block's prompt outputs: not
-reproduced). So p * (sum over blocks of d_block) parameters, and fewer FLOPs than MiMi's
-count. ``vpt-shallow`` has no Swin form: timm's Swin keeps tokens on a (B, H, W, C) grid, so prompt tokens cannot
-travel from block to block.
+Swin (``vpt-deep`` only), as the official code (KMnP/vpt ``PromptedSwinTransformer``): the prompts are
+residual-stream tokens, replaced before every block. Each block normalises them with its ``norm1`` and appends them
+to every window (zero relative-position bias and shift mask for them); the window tokens' outputs are the official
+ones. The prompt outputs of every block but the last are replaced before they are read again (patch merging
+included), so only the last block computes them: their attention outputs (prompt queries over each window) are
+averaged over the windows, added to the prompts, passed through the block's ``norm2`` and MLP and the final
+``norm``, and the average pool covers prompts and patches (``pool_prompts=False``: patches only). Wrappers: every
+``WindowAttention``, and ``head.global_pool``. Differences from the official code: its mean over windows reshapes
+(windows * batch) rows in the wrong order, so with a batch of several images and several windows in the last stage
+it mixes the images' prompt outputs; deltatune averages each image's own windows (the same whenever the batch holds
+one image or the last stage has one window, as Swin-T/S/B at 224 with window 7). In train mode, stochastic depth
+draws separate masks for an image's prompt and patch tokens (the official code keeps the backbone in eval mode while
+training), and prompt dropout draws one mask for the whole batch (the official first block draws one per image). So
+p * (sum over blocks of d_block) parameters. ``vpt-shallow`` has no Swin form: timm's Swin keeps tokens on a (B, H,
+W, C) grid, so prompt tokens cannot travel from block to block.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ class _VPTOptions:
     """Number of prompt tokens p (per block for deep). The paper tunes it per task in {1, 5, 10, 50, 100, 200}."""
     dropout: float = 0.0
     """Dropout on the prompt tokens (official default 0.0; 0.1 in some of its task configs)."""
+    pool_prompts: bool = True
+    """Swin only: the final average pool covers the last block's prompt outputs too, as the official code."""
 
     mergeable: ClassVar[bool] = False
     name: ClassVar[str]
@@ -106,13 +116,31 @@ class _VPTOptions:
         sites = [n for n in sites if not any(n.startswith(s + ".") for s in sites)]
         if not sites:
             raise DeltaTuneError(f"{self.name}: no timm WindowAttention found in {type(model).__name__}")
+        pool = _swin_pool_site(model, self.name) if self.pool_prompts else None
         # Official: one init bound for every stage, from the first stage's width (embed_dim).
         val = self._init_val(model, innermost(get_module(model, sites[0])).dim)
         for name in sites:
             attn = innermost(get_module(model, name))
             prompt = _prompt(self.num_tokens, attn.dim, val, attn.relative_position_bias_table)
-            set_module(model, name, VPTWindowAttention(get_module(model, name), self.name, prompt, self.dropout))
-        return Applied(sites)
+            keep = pool is not None and name == sites[-1]
+            block = name.rpartition(".")[0]
+            wrapper = VPTWindowAttention(get_module(model, name), self.name, prompt, self.dropout, model, block, keep)
+            set_module(model, name, wrapper)
+        if pool is None:
+            return Applied(sites)
+        set_module(model, pool, VPTSwinPool(get_module(model, pool), self.name, model, sites[-1]))
+        return Applied([*sites, pool])
+
+
+def _swin_pool_site(model: nn.Module, method: str) -> str:
+    """Name of the Swin head's average pool, which the prompt outputs join (official: prompts and patches pooled)."""
+    pool = getattr(getattr(model, "head", None), "global_pool", None)
+    if pool is None or getattr(innermost(pool), "pool_type", None) != "avg":
+        raise DeltaTuneError(
+            f"{method}: pool_prompts=True needs a Swin head with average pooling (head.global_pool, pool type 'avg'); "
+            "pass pool_prompts=False to pool the patch tokens only"
+        )
+    return "head.global_pool"
 
 
 @register("vpt-shallow")
@@ -181,39 +209,105 @@ class VPTRemove(nn.Module):
 
 
 class VPTWindowAttention(nn.Module):
-    """Wraps a timm Swin ``WindowAttention``: p prompt keys/values (from the frozen qkv) join every window."""
+    """Wraps a timm Swin ``WindowAttention``: the block's ``norm1`` of the prompts joins every window as p tokens."""
 
     delta_method: str
 
-    def __init__(self, base: nn.Module, method: str, prompt: nn.Parameter, dropout: float):
+    def __init__(
+        self,
+        base: nn.Module,
+        method: str,
+        prompt: nn.Parameter,
+        dropout: float,
+        root: nn.Module,
+        block_name: str,
+        keep: bool,
+    ):
         super().__init__()
         self.base, self.delta_stage, self.delta_method = base, None, method
-        self.vpt_prompt = prompt  # (p, C)
+        self.vpt_prompt = prompt  # (p, C), in the residual stream
         self.vpt_dropout = nn.Dropout(dropout)
+        self.keep = keep  # the last block: its prompt outputs are kept for the final pool
+        self.block_name = block_name  # the timm SwinTransformerBlock holding this wrapper
+        self.__dict__["_root"] = root  # not a submodule: the block's norm1 is looked up at call time (may be wrapped)
+        self.__dict__["_kept"] = None  # (prompts, their attention outputs) for VPTSwinPool
         self.train(base.training)  # take the mode of the module it replaces
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         attn = innermost(self.base)
         b_, n, _ = x.shape
         h, p = attn.num_heads, self.vpt_prompt.shape[0]
+        resid = self.vpt_dropout(self.vpt_prompt)  # (p, C)
         qkv = attn.qkv(x).reshape(b_, n, 3, h, -1).permute(2, 0, 3, 1, 4)  # (3, B_, h, N, hd)
         q, k, v = qkv.unbind(0)
-        pkv = attn.qkv(self.vpt_dropout(self.vpt_prompt)).reshape(p, 3, h, -1).permute(1, 2, 0, 3)  # (3, h, p, hd)
-        k = torch.cat([pkv[1].expand(b_, -1, -1, -1), k], dim=2)  # (B_, h, p + N, hd)
-        v = torch.cat([pkv[2].expand(b_, -1, -1, -1), v], dim=2)
-        bias = F.pad(attn._get_rel_pos_bias(), (p, 0))  # (1, h, N, p + N): prompts get no position bias
+        pqkv = attn.qkv(self._norm1()(resid)).reshape(p, 3, h, -1).permute(1, 2, 0, 3)  # (3, h, p, hd)
+        k = torch.cat([pqkv[1].expand(b_, -1, -1, -1), k], dim=2)  # (B_, h, p + N, hd)
+        v = torch.cat([pqkv[2].expand(b_, -1, -1, -1), v], dim=2)
+        rows = p if self.keep else 0  # the prompts' own queries: only the last block's prompt outputs are read
+        if rows:
+            q = torch.cat([pqkv[0].expand(b_, -1, -1, -1), q], dim=2)  # (B_, h, p + N, hd)
+        m = rows + n
+        bias = F.pad(attn._get_rel_pos_bias(), (p, 0, rows, 0))  # (1, h, M, p + N): prompts get no position bias
         if mask is not None:
             nw = mask.shape[0]
-            mask = F.pad(mask, (p, 0)).view(1, nw, 1, n, p + n)  # prompts visible from every token
-            bias = (bias.unsqueeze(1) + mask).expand(b_ // nw, -1, -1, -1, -1).reshape(-1, h, n, p + n)
+            mask = F.pad(mask, (p, 0, rows, 0)).view(1, nw, 1, m, p + n)  # prompts see and are seen by every token
+            bias = (bias.unsqueeze(1) + mask).expand(b_ // nw, -1, -1, -1, -1).reshape(-1, h, m, p + n)
         bias = bias.to(q.dtype)
         if attn.fused_attn:
             drop = attn.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=attn.scale)
         else:  # timm's explicit path (also what FLOP counters see)
-            out = attn.attn_drop((q * attn.scale @ k.transpose(-2, -1) + bias).softmax(-1)) @ v  # (B_, h, N, hd)
-        out = out.transpose(1, 2).reshape(b_, n, -1)  # (B_, N, C)
-        return attn.proj_drop(attn.proj(out))
+            out = attn.attn_drop((q * attn.scale @ k.transpose(-2, -1) + bias).softmax(-1)) @ v  # (B_, h, M, hd)
+        out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b_, m, -1)))  # (B_, M, C)
+        if rows:
+            self.__dict__["_kept"] = (resid, out[:, :rows])
+        return out[:, rows:]
+
+    def _norm1(self) -> nn.Module:
+        """The enclosing block's ``norm1`` as it is now (another delta may have wrapped it)."""
+        return self.block().norm1
+
+    def block(self) -> nn.Module:
+        """The timm ``SwinTransformerBlock`` holding this wrapper."""
+        return get_module(self._root, self.block_name)
+
+    def take_prompt_outputs(self) -> tuple[Tensor, Tensor]:
+        """The last forward's prompts (p, C) and their attention outputs (B_, p, C), handed over once."""
+        kept, self.__dict__["_kept"] = self._kept, None
+        if kept is None:
+            raise DeltaTuneError(
+                f"{self.delta_method}: the Swin head pools the prompt outputs of the last block, but the backbone's "
+                "blocks did not run since the last pool; call the model (or forward_features) first, or apply "
+                "with pool_prompts=False"
+            )
+        return kept
 
     def delta_parameters(self) -> list[nn.Parameter]:
         return [self.vpt_prompt]
+
+
+class VPTSwinPool(nn.Module):
+    """Wraps the Swin head's average pool: the last block's prompt outputs finish that block and join the pool."""
+
+    delta_method: str
+
+    def __init__(self, base: nn.Module, method: str, root: nn.Module, attn_name: str):
+        super().__init__()
+        self.base, self.delta_stage, self.delta_method = base, None, method
+        self.attn_name = attn_name
+        self.__dict__["_root"] = root  # not a submodule: the block and final norm are looked up at call time
+        self.train(base.training)  # take the mode of the module it replaces
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, hgt, wid, _ = x.shape  # (B, H, W, C): the final norm's output
+        attn = get_module(self._root, self.attn_name)
+        resid, out = attn.take_prompt_outputs()  # (p, C), (B * nW, p, C)
+        p = resid.shape[0]
+        block = attn.block()
+        y = resid + block.drop_path1(out.reshape(b, -1, p, out.shape[-1]).mean(1))  # (B, p, C): mean over windows
+        y = y + block.drop_path2(block.mlp(block.norm2(y)))
+        y = self._root.norm(y)
+        return (self.base(x) * (hgt * wid) + y.sum(1)) / (hgt * wid + p)  # (B, C): over patches and prompts
+
+    def delta_parameters(self) -> list[nn.Parameter]:
+        return []

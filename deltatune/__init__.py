@@ -19,6 +19,7 @@ from deltatune import methods as _methods  # noqa: F401  (registers every method
 from deltatune.checkpoint import load_delta, read_metadata, save_delta
 from deltatune.core import apply, delta_state_dict, merge, summary, trainable_parameters
 from deltatune.errors import DeltaTuneError
+from deltatune.interop.peft import load_peft, save_peft
 from deltatune.methods.adapter import AdapterConfig
 from deltatune.methods.adaptformer import AdaptFormerConfig
 from deltatune.methods.fact import FacTTKConfig, FacTTTConfig
@@ -60,11 +61,13 @@ __all__ = [
     "apply",
     "delta_state_dict",
     "load_delta",
+    "load_peft",
     "merge",
     "methods",
     "prune_adapters",
     "read_metadata",
     "save_delta",
+    "save_peft",
     "summary",
     "trainable_parameters",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from deltatune._layers import linear_types
 from deltatune.errors import DeltaTuneError
 
 Targets = str | list[str] | tuple[str, ...]
@@ -30,12 +31,26 @@ _FAMILIES = {
     "MlpMixer": "mixer",
     "ResMlp": "mixer",
 }
-_HF_FAMILIES = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "electra": "bert", "vit": "hf-vit"}
+_HF_FAMILIES = {
+    "bert": "bert",
+    "roberta": "bert",
+    "distilbert": "bert",
+    "electra": "bert",
+    "vit": "hf-vit",
+    # decoder LMs: q_proj, k_proj, v_proj, o_proj (self_attn) and gate_proj, up_proj, down_proj (mlp)
+    "llama": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "mistral": "llama",
+    "gpt2": "gpt2",  # Conv1D: attn.c_attn (fused qkv), attn.c_proj, mlp.c_fc, mlp.c_proj
+    "t5": "t5",  # SelfAttention / EncDecAttention .q .k .v .o; DenseReluDense .wi (.wi_0, .wi_1) .wo
+}
 _HEAD_NAMES = ("classifier", "head.fc", "head", "fc", "score")
 
 
 def family(model: nn.Module) -> str | None:
-    """The preset family of a model (``vit``, ``swin``, ``convnext``, ``mixer``, ``bert``, ``hf-vit``) or None."""
+    """The preset family of a model (``vit``, ``swin``, ``convnext``, ``mixer``, ``bert``, ``hf-vit``, ``llama``,
+    ``gpt2``, ``t5``) or None."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if isinstance(model_type, str) and model_type in _HF_FAMILIES:
@@ -86,7 +101,7 @@ def resolve_targets(model: nn.Module, method: str, given: Targets | None, preset
         return presets["*"]
     raise DeltaTuneError(
         f"method {method!r} has no preset for {type(model).__name__} (presets: {', '.join(sorted(presets))}); "
-        f"pass target_modules=[...] naming its sites, e.g. {candidates(model, (nn.Linear,))}"
+        f"pass target_modules=[...] naming its sites, e.g. {candidates(model, linear_types())}"
     )
 
 

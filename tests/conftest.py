@@ -1,4 +1,5 @@
-"""Tiny backbones for the tests: timm ViT, Swin, ConvNeXt, MLP-Mixer, a BatchNorm ResNet and an HF BERT."""
+"""Tiny backbones for the tests: timm ViT, Swin, ConvNeXt, MLP-Mixer, a BatchNorm ResNet, an HF BERT and three
+decoder/seq2seq language models (GPT-2, Llama, T5; 2 layers, width 32) whose output is their LM logits."""
 
 from __future__ import annotations
 
@@ -44,6 +45,27 @@ def _bert() -> nn.Module:
     return BertForSequenceClassification(tiny_bert_config(vocab_size=99, num_labels=3))
 
 
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_inner=37, n_positions=64))
+
+
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=99, num_hidden_layers=2, max_position_embeddings=64, **kw))
+
+
+def _t5() -> nn.Module:
+    """T5 encoder-decoder; its input is a token batch plus a short decoder prefix (``make_input``)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    kw = dict(d_model=32, d_kv=8, d_ff=37, num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=99, num_layers=2, num_decoder_layers=2, **kw))
+
+
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "vit": _vit,
     "swin": _swin,
@@ -51,9 +73,14 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "mixer": _mixer,
     "resnet": _resnet,
     "bert": _bert,
+    "gpt2": _gpt2,
+    "llama": _llama,
+    "t5": _t5,
 }
+LANGUAGE_MODELS = ("gpt2", "llama", "t5")  # output: LM logits (no classification head)
 ALL_BACKBONES = list(BUILDERS)  # the contract tests run every method on each
-BACKBONES = [k for k in ALL_BACKBONES if k != "resnet"]  # those with presets for the block-based methods
+# those with presets for the block-based methods
+BACKBONES = [k for k in ALL_BACKBONES if k not in ("resnet", *LANGUAGE_MODELS)]
 
 
 def make_backbone(kind: str, seed: int = 0) -> nn.Module:
@@ -83,11 +110,12 @@ def _prototype(kind: str, seed: int) -> tuple[nn.Module, torch.Tensor]:
 def make_input(kind: str, seed: int = 1) -> Any:
     """A fixed input batch for the backbone."""
     g = torch.Generator().manual_seed(seed)
-    if kind == "bert":
+    if kind in ("bert", *LANGUAGE_MODELS):
         ids = torch.randint(1, 99, (2, 12), generator=g)
         mask = torch.ones_like(ids)
         mask[1, 9:] = 0
-        return {"input_ids": ids, "attention_mask": mask}
+        extra = {"decoder_input_ids": torch.randint(1, 99, (2, 5), generator=g)} if kind == "t5" else {}
+        return {"input_ids": ids, "attention_mask": mask, **extra}
     size = 64 if kind == "convnext" else 32
     return torch.randn(2, 3, size, size, generator=g)
 

@@ -25,6 +25,14 @@ NOT_APPLICABLE: set[tuple[str, str]] = {
     *((m, "resnet") for m in ("adapter", "mimi", "phm-adapter", "compacter", "adaptformer", "lora")),
     *((m, "resnet") for m in ("fact-tt", "fact-tk", "attn-only", "mlp-only", "ia3")),
 }
+# Language models (tiny GPT-2, Llama, T5; LM logits, no classification head): methods that do not apply there.
+NOT_APPLICABLE |= {
+    *((m, k) for m in ("linear", "prompt", "prefix", "vpt-shallow", "vpt-deep") for k in ("gpt2", "llama", "t5")),
+    *((m, k) for m in ("adaptformer", "fact-tt", "fact-tk", "phm-adapter") for k in ("gpt2", "llama", "t5")),
+    ("compacter", "gpt2"),  # PHM layers wrap nn.Linear only, GPT-2's are Conv1D
+    ("bitfit", "llama"),  # no biases anywhere
+    ("bitfit", "t5"),
+}
 CASES = [(m, k) for m in deltatune.methods() for k in ALL_BACKBONES if (m, k) not in NOT_APPLICABLE]
 
 

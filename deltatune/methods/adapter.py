@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from deltatune._layers import features, is_conv1d, linear_types
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import register, require
@@ -29,6 +30,9 @@ PRESETS: dict[str, Targets] = {
     "mixer": ["mlp_tokens.fc2", "mlp_channels.fc2"],
     "bert": r".*attention\.output\.dense|.*layer\.\d+\.output\.dense",
     "hf-vit": r".*attention\.output\.dense|.*layer\.\d+\.output\.dense|.*attention\.o_proj|.*layers\.\d+\.mlp\.fc2",
+    "llama": ["self_attn.o_proj", "mlp.down_proj"],
+    "gpt2": ["attn.c_proj", "mlp.c_proj"],
+    "t5": ["SelfAttention.o", "EncDecAttention.o", "DenseReluDense.wo"],
 }
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
 
@@ -73,7 +77,7 @@ class AdapterConfig:
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         """Wraps every site in an ``Adapter`` (sites pruned to size 0 get none)."""
-        sites = config_sites(model, self, PRESETS, (nn.Linear, nn.Conv2d), skip)
+        sites = config_sites(model, self, PRESETS, (*linear_types(), nn.Conv2d), skip)
         applied = []
         for name, module in sites:
             original = self.original_size(model, module)
@@ -92,7 +96,7 @@ class AdapterConfig:
 
 
 def _width(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    return features(layer)[1] if isinstance(layer, nn.Linear) or is_conv1d(layer) else layer.out_channels
 
 
 class Adapter(nn.Module):
@@ -106,7 +110,7 @@ class Adapter(nn.Module):
         self.site, self.original_hidden = "", hidden  # set by the config: where it sits, its size before pruning
         layer = innermost(base)
         d = _width(layer)
-        self.channels_last = isinstance(layer, nn.Linear)
+        self.channels_last = not isinstance(layer, nn.Conv2d)  # Linear, Conv1D: (..., d)
         kw = {"device": layer.weight.device, "dtype": layer.weight.dtype}
         self.adapter_down = nn.Linear(d, hidden, bias=bias, **kw)
         self.adapter_act = ACTIVATIONS[act]()

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from deltatune._layers import features, linear_types, out_in
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
 from deltatune.numerics import round_to
@@ -50,6 +51,8 @@ PRESETS: dict[str, Preset] = {
         exclude=["attention.output.dense"],
     ),
     "llama": Preset(["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": Preset(["attn.c_attn", "mlp.c_proj"], ["mlp.c_proj"], ["attn.c_attn"]),  # Conv1D; c_attn is fused qkv
+    "t5": Preset(["k", "v", "wo"], ["wo"]),
 }
 
 
@@ -82,7 +85,7 @@ class IA3Config:
             )
         preset = preset or Preset(())
         targets = _or(self.target_modules, preset.targets)
-        sites = find_sites(model, self.name, targets, (nn.Linear,), _or(self.exclude_modules, preset.exclude), skip)
+        sites = find_sites(model, self.name, targets, linear_types(), _or(self.exclude_modules, preset.exclude), skip)
         feedforward = _or(self.feedforward_modules, preset.feedforward)
         fused = _or(self.fused_qkv_modules, preset.fused_qkv)
         for name, module in sites:
@@ -101,21 +104,21 @@ def _preset(model: nn.Module) -> Preset | None:
     return PRESETS.get(key) if isinstance(key, str) else None
 
 
-def _mode(name: str, layer: nn.Linear, feedforward: Targets, fused: Targets) -> str:
+def _mode(name: str, layer: nn.Module, feedforward: Targets, fused: Targets) -> str:
     """What the site scales: "input" (FFN), "kv" (fused qkv: k and v thirds of the output) or "output"."""
     is_ff, is_fused = matches(name, feedforward), matches(name, fused)
     if is_ff and is_fused:
         raise DeltaTuneError(f"ia3: {name} is both a feedforward and a fused qkv module; name it in only one")
-    if is_fused and layer.out_features % 3:
+    if is_fused and features(layer)[1] % 3:
         raise DeltaTuneError(
             f"ia3: fused_qkv_modules needs fused qkv layers (out_features divisible by 3); {name} has "
-            f"{layer.out_features}; leave it out of fused_qkv_modules"
+            f"{features(layer)[1]}; leave it out of fused_qkv_modules"
         )
     return "input" if is_ff else "kv" if is_fused else "output"
 
 
 class IA3(nn.Module):
-    """Wraps a Linear: a learned vector scales its input (FFN), its output, or the k and v thirds of a fused qkv."""
+    """Wraps a Linear or Conv1D: a learned vector scales its input (FFN), its output, or a fused qkv's k and v."""
 
     delta_method = "ia3"
 
@@ -123,7 +126,8 @@ class IA3(nn.Module):
         super().__init__()
         self.base, self.delta_stage, self.mode, self.merged = base, None, mode, False
         layer = innermost(base)
-        size = {"input": layer.in_features, "output": layer.out_features, "kv": 2 * layer.out_features // 3}[mode]
+        n_in, out = features(layer)
+        size = {"input": n_in, "output": out, "kv": 2 * out // 3}[mode]
         w = layer.weight
         self.ia3_scale = nn.Parameter(torch.ones(size, device=w.device, dtype=w.dtype))
 
@@ -149,11 +153,11 @@ class IA3(nn.Module):
         if is_delta(self.base):
             return None
         if not self.merged:
-            layer, scale = self.base, self.scale().detach()
+            layer, scale, weight = self.base, self.scale().detach(), out_in(self.base)  # (out, in); Conv1D: a view
             if self.mode == "input":
-                layer.weight.copy_(scaled(layer.weight, scale, dim=1))  # input columns; the bias is unchanged
+                weight.copy_(scaled(weight, scale, dim=1))  # input columns; the bias is unchanged
             else:
-                layer.weight.copy_(scaled(layer.weight, scale, dim=0))  # output rows and their biases
+                weight.copy_(scaled(weight, scale, dim=0))  # output rows and their biases
                 if layer.bias is not None:
                     layer.bias.copy_(scaled(layer.bias, scale, dim=0))
             self.merged = True

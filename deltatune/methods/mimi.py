@@ -22,7 +22,7 @@ from torch import nn
 
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
-from deltatune.methods.adapter import Adapter, AdapterConfig
+from deltatune.methods.adapter import Adapter, AdapterConfig, _width
 from deltatune.registry import register, require
 from deltatune.targeting import family, get_module, innermost
 
@@ -79,7 +79,7 @@ class MiMiConfig(AdapterConfig):
         """Start size as the official code: ``hidden``, or floor(d / sigma) (Swin: floor(4d / sigma)), at least 1."""
         mult = 4 if family(model) == "swin" else 1
         layer = innermost(site)
-        d = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        d = _width(layer)  # Linear, Conv1D, Conv2d
         return self.hidden or max(1, math.floor(mult * d / self.sigma))
 
     def keep_target(self, start_params: int) -> float:

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from deltatune._layers import rms_norm_types
 from deltatune.core import Applied, delta_modules
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import register
@@ -27,6 +28,9 @@ ATTN_PRESETS: dict[str, Targets] = {
     "swin": ["attn"],
     "bert": r".*attention\.self|.*attention\.output\.dense",
     "hf-vit": r".*layers\.\d+\.attention",  # transformers 5.x ViT: q_proj, k_proj, v_proj, o_proj
+    "llama": ["self_attn"],
+    "gpt2": ["attn"],
+    "t5": ["SelfAttention", "EncDecAttention"],
 }
 MLP_PRESETS: dict[str, Targets] = {
     "vit": ["mlp"],
@@ -35,6 +39,9 @@ MLP_PRESETS: dict[str, Targets] = {
     "mixer": ["mlp_tokens", "mlp_channels"],
     "bert": r".*intermediate\.dense|.*layer\.\d+\.output\.dense",
     "hf-vit": r".*layers\.\d+\.mlp",
+    "llama": ["mlp"],
+    "gpt2": ["mlp"],
+    "t5": ["DenseReluDense"],
 }
 NORM_OPS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm)
 
@@ -108,4 +115,4 @@ class LayerNormConfig:
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         targets = self.target_modules if self.target_modules is not None else ".*"
-        return select(model, self.name, targets, skip, NORM_OPS)
+        return select(model, self.name, targets, skip, NORM_OPS + rms_norm_types(model))  # + Llama/T5 RMSNorms

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from deltatune._layers import linear_types
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import register
@@ -67,6 +68,6 @@ class BitFitConfig:
         if not biases:
             raise DeltaTuneError(
                 f"bitfit: target_modules={self.target_modules!r} matched no module with a bias; "
-                f"candidates: {candidates(model, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm))}"
+                f"candidates: {candidates(model, (*linear_types(), nn.Conv1d, nn.Conv2d, nn.LayerNorm))}"
             )
         return Applied(sites, biases)

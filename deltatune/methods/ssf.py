@@ -5,7 +5,10 @@ shift ~ N(0, 0.02). Every site follows a linear op, so it folds into that op exa
 
     W'[i] = scale_i * W[i]        b' = scale * b + shift        (norm affine: w' = scale * w)
 
-and the merged network is the plain architecture with no extra parameters or FLOPs. A norm with a built-in
+and the merged network is the plain architecture with no extra parameters or FLOPs. GPT-2's Conv1D (weight stored
+(in, out)) folds through its transpose. An RMSNorm (Llama, Qwen2, Mistral, T5) has a weight and no bias, and its
+class's forward has no place for one: SSF there is scale-only (no ``ssf_shift``), which folds exactly into the
+weight; the shift after it is carried by the next linear's SSF. A norm with a built-in
 activation (timm's ``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct``...) is scaled between its norm and its
 drop/act, where its affine sits, so the fold stays exact there too. One exception: ConvNeXt's last
 site acts on the final feature map (official ``forward_features``: after the last stage's residual add, before the
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune import fast
+from deltatune._layers import features, is_conv1d, is_rms_norm, linear_types, out_in, rms_norm_types
 from deltatune.core import Applied
 from deltatune.numerics import round_to
 from deltatune.registry import register
@@ -67,7 +71,8 @@ class SSFConfig:
         """Wraps every site in an ``SSF`` module."""
         targets = resolve_targets(model, self.name, self.target_modules, PRESETS)
         exclude = self.exclude_modules if self.exclude_modules is not None else EXCLUDE.get(family(model) or "")
-        sites = find_sites(model, self.name, targets, LINEAR_OPS + NORM_OPS, exclude, skip)
+        kinds = LINEAR_OPS + linear_types() + NORM_OPS + rms_norm_types(model)
+        sites = find_sites(model, self.name, targets, kinds, exclude, skip)
         for name, module in sites:
             set_module(model, name, SSF(module, self.init_std))
         return Applied([n for n, _ in sites] + _feature_map_site(model, self, targets, exclude, skip))
@@ -88,7 +93,9 @@ def _feature_map_site(model: nn.Module, cfg: SSFConfig, targets: Targets, exclud
 
 def channel_dim(layer: nn.Module) -> int:
     """The dim of a layer's output that holds its channels: last for Linear/LayerNorm, 1 for NCHW layers."""
-    if isinstance(layer, nn.Linear) or (isinstance(layer, nn.LayerNorm) and not type(layer).__name__.endswith("2d")):
+    if isinstance(layer, nn.Linear) or is_conv1d(layer) or is_rms_norm(layer):
+        return -1
+    if isinstance(layer, nn.LayerNorm) and not type(layer).__name__.endswith("2d"):
         return -1
     return 1  # convs, batch/group norms and timm's channels-first LayerNorm2d / LayerNormAct2d
 
@@ -111,8 +118,10 @@ def norm_part(layer: nn.Module, x: Tensor) -> Tensor:
 
 def out_channels(layer: nn.Module) -> int:
     """Number of output channels of a supported layer."""
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
+    if isinstance(layer, nn.Linear) or is_conv1d(layer):
+        return features(layer)[1]
+    if is_rms_norm(layer):
+        return layer.weight.shape[0] if layer.weight is not None else layer.normalized_shape[-1]
     if isinstance(layer, LINEAR_OPS):
         return layer.out_channels
     if isinstance(layer, nn.LayerNorm):
@@ -124,13 +133,13 @@ def out_channels(layer: nn.Module) -> int:
     return layer.num_features
 
 
-def ssf_affine(y: Tensor, scale: Tensor, shift: Tensor, dim: int) -> Tensor:
-    """``y * scale + shift`` with scale/shift broadcast along channel ``dim``."""
+def ssf_affine(y: Tensor, scale: Tensor, shift: Tensor | None, dim: int) -> Tensor:
+    """``y * scale + shift`` with scale/shift broadcast along channel ``dim`` (no shift: ``y * scale``)."""
     if dim != -1 and dim != y.ndim - 1:
         shape = [1] * y.ndim
         shape[dim] = -1
-        scale, shift = scale.view(shape), shift.view(shape)
-    return torch.addcmul(shift, y, scale)
+        scale, shift = scale.view(shape), shift if shift is None else shift.view(shape)
+    return y * scale if shift is None else torch.addcmul(shift, y, scale)
 
 
 class SSF(nn.Module):
@@ -155,7 +164,9 @@ class SSF(nn.Module):
         channels = channels or out_channels(layer)
         self.mergeable = not isinstance(layer, nn.Identity)  # a feature map's SSF has no layer to fold into
         self.ssf_scale = nn.Parameter(torch.empty(channels, **kw).normal_(1.0, init_std))
-        self.ssf_shift = nn.Parameter(torch.empty(channels, **kw).normal_(0.0, init_std))
+        # An RMSNorm has no bias to fold a shift into (and adding one changes its class's forward): scale only.
+        shift = None if is_rms_norm(layer) else nn.Parameter(torch.empty(channels, **kw).normal_(0.0, init_std))
+        self.register_parameter("ssf_shift", shift)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -163,13 +174,13 @@ class SSF(nn.Module):
         if self.norm_act:
             y = ssf_affine(norm_part(self.base, x), self.ssf_scale, self.ssf_shift, self.dim)
             return self.base.act(getattr(self.base, "drop", nn.Identity())(y))
-        y = fast.ssf(self.base, x, self.ssf_scale, self.ssf_shift)  # folded into a frozen Linear/LayerNorm
-        if y is not None:
+        y = None if self.ssf_shift is None else fast.ssf(self.base, x, self.ssf_scale, self.ssf_shift)
+        if y is not None:  # folded into a frozen Linear/LayerNorm
             return y
         return ssf_affine(self.base(x), self.ssf_scale, self.ssf_shift, self.dim)
 
     def delta_parameters(self) -> list[nn.Parameter]:
-        return [self.ssf_scale, self.ssf_shift]
+        return [self.ssf_scale] if self.ssf_shift is None else [self.ssf_scale, self.ssf_shift]
 
     def merge(self) -> nn.Module | None:
         """Folds scale and shift into the base layer and returns it (None if the base is another delta, or a feature
@@ -177,16 +188,25 @@ class SSF(nn.Module):
         if is_delta(self.base) or not self.mergeable:
             return None
         if not self.merged:
-            fold(self.base, self.ssf_scale.detach(), self.ssf_shift.detach())
+            fold(self.base, self.ssf_scale.detach(), None if self.ssf_shift is None else self.ssf_shift.detach())
             self.merged = True
         return self.base
 
 
 @torch.no_grad()
-def fold(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    """In place: ``layer(x) * scale + shift`` becomes ``layer(x)``; computed in float64, rounded once."""
-    weight = layer.weight
+def fold(layer: nn.Module, scale: Tensor, shift: Tensor | None) -> None:
+    """In place: ``layer(x) * scale + shift`` becomes ``layer(x)``; computed in float64, rounded once.
+
+    No shift (an RMSNorm): only the weight is scaled and no bias is added. Conv1D's (in, out) weight is scaled
+    through its (out, in) view."""
+    weight = out_in(layer) if is_conv1d(layer) else layer.weight
     ref = weight if weight is not None else scale
+    if shift is None:
+        if weight is None:
+            layer.weight = nn.Parameter(round_to(scale.double(), ref.dtype), requires_grad=False)
+        else:
+            weight.copy_(round_to(weight.double() * scale.double(), weight.dtype))
+        return
     s, t = scale.double(), shift.double()
     bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(s)
     new_bias = round_to(bias * s + t, ref.dtype)

@@ -21,14 +21,14 @@ from typing import Any
 import torch
 
 from deltatune.backbones import create_backbone, data_config
+from deltatune.bench.measure import round_robin
 from deltatune.checkpoint import load_delta
 from deltatune.core import merge
 from deltatune.data import load_data, make_loader, make_transform, subsample, with_transforms
-from deltatune.distributed import Runtime
-from deltatune.fast_measure import round_robin
-from deltatune.report import COLUMNS, format_table, merged_copy, plot_accuracy_vs_params
-from deltatune.train_config import TrainConfig
-from deltatune.training import evaluate, train
+from deltatune.train.config import TrainConfig
+from deltatune.train.distributed import Runtime
+from deltatune.train.loop import evaluate, train
+from deltatune.train.report import COLUMNS, format_table, merged_copy, plot_accuracy_vs_params
 
 MODEL = "deltatune_offline_vit"
 # Per-method settings: about 340 CPU-seconds in all (measured); lrs from short sweeps on the bundled weights.

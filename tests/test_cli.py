@@ -10,7 +10,7 @@ import pytest
 from tiny_run import tiny_config
 
 from deltatune.cli import build_parser, config_from_args, main
-from deltatune.train_config import SECTIONS, TrainConfig, field_docs
+from deltatune.train.config import SECTIONS, TrainConfig, field_docs
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 

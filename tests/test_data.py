@@ -11,8 +11,8 @@ from PIL import Image
 
 from deltatune import DeltaTuneError
 from deltatune.data import TensorImages, load_data, make_loader, make_transform, subsample
-from deltatune.distributed import Runtime
-from deltatune.training import train
+from deltatune.train.distributed import Runtime
+from deltatune.train.loop import train
 
 DATA_CFG = {
     "input_size": (3, 32, 32),
@@ -158,7 +158,7 @@ def test_text_folder(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text("text,label\nhello there,b\nbye now,a\n")
     (tmp_path / "test.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
     pytest.importorskip("transformers")
-    from deltatune.text_data import read_rows
+    from deltatune.data.text import read_rows
 
     assert read_rows(tmp_path / "train.csv")[1] == {"text": "bye now", "label": "a"}
     with pytest.raises(DeltaTuneError, match=r"row 1: needs 'text' and 'label'"):

@@ -14,8 +14,9 @@ from conftest import BACKBONES, make_backbone, make_input, perturb_deltas, rel_e
 from torch import Tensor, nn
 
 import deltatune
-from deltatune import fast, fast_lora
-from deltatune.fast_measure import count_saved
+from deltatune.bench.measure import count_saved
+from deltatune.kernels import lora as fast_lora
+from deltatune.kernels import ssf as fast
 from deltatune.methods.lora import LoRALinear
 from deltatune.methods.ssf import SSF
 

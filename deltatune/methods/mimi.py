@@ -7,7 +7,7 @@ fraction ``p_t = 1 - (1 - rho)^(t+1)`` of the original neurons, ranked by the no
     s_i = (sum_j |W_down[i, j]| + sum_j |W_up[j, i]|) / (d_in + d_out)
 
 until the target size is reached. Pruned neurons are removed from the matrices and empty adapters are removed
-(see ``deltatune.pruning``). The adapters themselves are ``deltatune.methods.adapter.Adapter``; as in the official
+(see ``methods.pruning``). The adapters themselves are ``deltatune.methods.adapter.Adapter``; as in the official
 code their start size is ``floor(d / sigma)`` (Swin: ``floor(4d / sigma)``, at least 1) and both matrices start
 ``trunc_normal_(std=0.02)`` with timm's default ABSOLUTE bounds +-2 (so effectively N(0, 0.02), not cut at 2 std).
 """
@@ -51,7 +51,7 @@ class MiMiConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from deltatune.pruning import SCOPES, SCORES
+        from deltatune.methods.pruning import SCOPES, SCORES
 
         require(self, 0.0 < self.rho < 1.0, "rho", "in (0, 1)")
         if self.score not in SCORES:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune import fast
 from deltatune.core import Applied
+from deltatune.kernels import ssf as fast
 from deltatune.numerics import round_to
 from deltatune.registry import register
 from deltatune.targeting import (

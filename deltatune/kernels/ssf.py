@@ -14,7 +14,7 @@ which return None where no fast path applies (the wrapper then runs its plain fo
   modified in place afterwards (autograd then raises). The two sums are one pass over dy and y (``column_sums``).
 - SSF after a LayerNorm: folded into its affine (``w * scale``, ``b * scale + shift``); native LN backward.
 - LoRA on a Linear (no dropout): ``y = x (W + s B A)^T + b``, one matmul with the merged weight built on the fly
-  (weight-sized work, not activation-sized); see ``deltatune.fast_lora``.
+  (weight-sized work, not activation-sized); see ``deltatune.kernels.lora``.
 - BitFit needs nothing here: a frozen-weight linear with a trainable bias saves nothing and reduces dy once.
 - Adapters need nothing either: their layers are plain Linears; their extra memory is the base output that the
   down-projection's weight gradient needs.

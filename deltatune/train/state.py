@@ -24,10 +24,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from deltatune.core import delta_state_dict
-from deltatune.distributed import Runtime
 from deltatune.errors import DeltaTuneError
-from deltatune.phases import Phase
-from deltatune.train_config import RESUME_MAY_CHANGE, TrainConfig
+from deltatune.train.config import RESUME_MAY_CHANGE, TrainConfig
+from deltatune.train.distributed import Runtime
+from deltatune.train.phases import Phase
 
 FORMAT = "deltatune-train-state"
 

@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
-from deltatune.distributed import Runtime
 from deltatune.errors import DeltaTuneError
+from deltatune.train.distributed import Runtime
 
 # name: (torchvision class, classes, default train split, default eval split); None splits: a train=bool flag.
 TORCHVISION: dict[str, tuple[str, int, str | None, str | None]] = {
@@ -147,7 +147,7 @@ def load_data(
     if kind == "fgvc":
         return _fgvc(Path(data_dir) / given if given else Path(data_dir), train_split, eval_split)
     if kind == "text":
-        from deltatune.text_data import load_text
+        from deltatune.data.text import load_text
 
         return load_text(Path(data_dir), train_split, eval_split, **text_options)
     raise DeltaTuneError(
@@ -208,8 +208,8 @@ def _offline(task: str, seed: int, image_size: int) -> Data:
 
 
 def _offline_text(task: str, seed: int, tokenizer: str | None = None, max_length: int = 128) -> Data:
+    from deltatune.data.text import load_tokenizer, text_data
     from deltatune.offline.text_tasks import make_text_task
-    from deltatune.text_data import load_tokenizer, text_data
 
     tok = load_tokenizer(tokenizer)
     train, test, _ = make_text_task(task, seed)

@@ -1,7 +1,7 @@
 """The training loop behind ``deltatune train``: one readable epoch loop with AdamW, warm-up + cosine, EMA, mixup,
 AMP, gradient clipping, DDP, per-epoch JSONL logs and exactly resumable checkpoints.
 
-    from deltatune.training import train
+    from deltatune.train.loop import train
     report = train({"model": "deltatune_offline_vit", "dataset": "offline:digits", "method": "ssf", "epochs": 5})
 
 Under ``torchrun --nproc_per_node N`` the same call trains with DistributedDataParallel; the global batch is
@@ -44,14 +44,14 @@ from deltatune.data import (
     subsample,
     with_transforms,
 )
-from deltatune.distributed import Runtime, all_reduce_sum, runtime
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.prefix import stored_form
-from deltatune.phases import Phase, describe, enter_stage, plan, prune, restore
-from deltatune.pruning import adapter_sizes
-from deltatune.report import format_table, measure, plot_allocation
-from deltatune.train_config import TrainConfig
-from deltatune.train_state import prepare_output, resume_phase, resume_state, write_checkpoint, write_text
+from deltatune.methods.pruning import adapter_sizes
+from deltatune.train.config import TrainConfig
+from deltatune.train.distributed import Runtime, all_reduce_sum, runtime
+from deltatune.train.phases import Phase, describe, enter_stage, plan, prune, restore
+from deltatune.train.report import format_table, measure, plot_allocation
+from deltatune.train.state import prepare_output, resume_phase, resume_state, write_checkpoint, write_text
 
 __all__ = ["TrainConfig", "build_model", "cosine_lr", "evaluate", "fit", "make_optimizer", "train"]
 CHECKPOINT = "checkpoint.safetensors"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune import fast
+from deltatune.kernels import ssf as fast
 
 _recompute: bool | None = None  # None: on CUDA only
 

@@ -7,9 +7,9 @@ grad: forward plus input-gradient backward, the least any frozen-backbone method
 Configurations are stepped round-robin (one step of each, the order rotated every round) and each one's median
 is kept, so the drift of a shared machine hits all alike. Memory: on CUDA the step's max_memory_allocated plus
 the configuration's resident weights and optimizer state; on CPU the activation bytes saved for backward
-(``deltatune.fast_measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
-formulas (``deltatune.fast.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
-forces LoRA to recompute its LayerNorm/GELU inputs in backward (the default on CUDA only; ``deltatune.fast_lora``),
+(``deltatune.bench.measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
+formulas (``deltatune.kernels.ssf.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
+forces LoRA to recompute its LayerNorm/GELU inputs in backward (the default on CUDA only; ``deltatune.kernels.lora``),
 to show on CPU the memory that LoRA keeps on a GPU.
 """
 
@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import deltatune
-from deltatune import fast, fast_lora
-from deltatune.fast_measure import count_saved, cuda_peak, resident_bytes, round_robin
+from deltatune.bench.measure import count_saved, cuda_peak, resident_bytes, round_robin
+from deltatune.kernels import lora as fast_lora
+from deltatune.kernels import ssf as fast
 from deltatune.targeting import find_head, is_delta
 
 METHODS = ("floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-recompute", "adapter")

@@ -16,8 +16,8 @@ from torch import nn
 
 from deltatune.core import apply
 from deltatune.errors import DeltaTuneError
-from deltatune.pruning import activation_scores, adapters, prune_adapters, resize_adapters
-from deltatune.train_config import TrainConfig
+from deltatune.methods.pruning import activation_scores, adapters, prune_adapters, resize_adapters
+from deltatune.train.config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Fused fast paths for delta wrappers on frozen layers: one file per method, shared helpers apart."""

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from deltatune.errors import DeltaTuneError
+from deltatune.protocols import DeltaModule
 
 Targets = str | list[str] | tuple[str, ...]
 
@@ -44,13 +45,13 @@ def family(model: nn.Module) -> str | None:
 
 
 def is_delta(module: nn.Module) -> bool:
-    """True for deltatune's wrapper modules (they carry ``delta_method``)."""
-    return hasattr(module, "delta_method")
+    """True for deltatune's wrapper modules (they satisfy ``protocols.DeltaModule``)."""
+    return isinstance(module, DeltaModule)
 
 
 def innermost(module: nn.Module) -> nn.Module:
     """The plain layer under any stack of delta wrappers."""
-    while is_delta(module) and hasattr(module, "base"):
+    while is_delta(module):
         module = module.base
     return module
 

@@ -9,8 +9,8 @@ import torch
 from conftest import ALL_BACKBONES, make_backbone, make_input, perturb_deltas, rel_err, run
 
 import deltatune
+from deltatune.checkpoint import stored_form
 from deltatune.core import delta_modules
-from deltatune.methods.prefix import stored_form
 from deltatune.registry import make_config
 
 # (method, backbone) pairs where the method does not apply: apply must raise DeltaTuneError there.

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deltatune.backbones import create_backbone, data_config, forward, hf_name, is_text_model
-from deltatune.checkpoint import save_delta
+from deltatune.checkpoint import save_delta, stored_form
 from deltatune.core import apply, summary, trainable_parameters
 from deltatune.data import (
     Data,
@@ -45,7 +45,6 @@ from deltatune.data import (
     with_transforms,
 )
 from deltatune.errors import DeltaTuneError
-from deltatune.methods.prefix import stored_form
 from deltatune.methods.pruning import adapter_sizes
 from deltatune.train.config import TrainConfig
 from deltatune.train.distributed import Runtime, all_reduce_sum, runtime

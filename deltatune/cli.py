@@ -44,7 +44,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="YAML recipe whose keys are the options below; options given here override it",
     )
-    docs, hints = field_docs(TrainConfig), typing.get_type_hints(TrainConfig)
+    docs, hints = field_docs(), typing.get_type_hints(TrainConfig)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for section, names in SECTIONS.items():
         group = parser.add_argument_group(section)

@@ -7,6 +7,7 @@ satisfy ``DeltaModule``. The trainer calls a config's optional training hooks (`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from torch import nn
@@ -68,6 +69,20 @@ class DeclaresFamilies(Protocol):
 
 
 @runtime_checkable
+class TrainOptions(Protocol):
+    """A config some of whose fields are also ``deltatune train`` options (flags and top-level recipe keys)."""
+
+    cli_group: ClassVar[str]
+    """Heading of the options in ``deltatune train --help`` (e.g. "MiMi pruning")."""
+    cli_options: ClassVar[dict[str, str]]
+    """Training option name -> the config field it sets (``prune_score`` -> ``score``)."""
+
+    def with_options(self, **options: Any) -> Any:
+        """This config with the given fields replaced (a copy)."""
+        ...
+
+
+@runtime_checkable
 class StoredForm(Protocol):
     """A config whose delta file holds a different form than the trained model (prefix tuning's folded MLP)."""
 
@@ -110,8 +125,8 @@ class TrainState(Protocol):
 class ReportsExtras(Protocol):
     """A config that adds entries to a finished run's report (MiMi: adapter sizes before and after pruning)."""
 
-    def report_extras(self, model: nn.Module) -> dict[str, Any]:
-        """JSON-ready entries for ``report.json``."""
+    def report_extras(self, model: nn.Module, output_dir: Path) -> dict[str, Any]:
+        """JSON-ready entries for ``report.json`` (figures it draws go in ``output_dir``)."""
         ...
 
 
@@ -125,8 +140,8 @@ class PhaseContext(Protocol):
     seed: int
     """The run's seed."""
 
-    def batches(self) -> Any:
-        """Yields training batches ``(inputs, targets)`` on the device, mixed as in training."""
+    def batches(self, n: int) -> Any:
+        """Yields ``n`` training batches ``(inputs, targets)`` on the device, mixed as in training."""
         ...
 
     def loss(self, module: nn.Module, inputs: Any, targets: Any) -> Any:

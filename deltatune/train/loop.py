@@ -45,11 +45,11 @@ from deltatune.data import (
     with_transforms,
 )
 from deltatune.errors import DeltaTuneError
-from deltatune.methods.pruning import adapter_sizes
+from deltatune.protocols import ReportsExtras, hooks
 from deltatune.train.config import TrainConfig
 from deltatune.train.distributed import Runtime, all_reduce_sum, runtime
-from deltatune.train.phases import Phase, describe, enter_stage, plan, prune, restore
-from deltatune.train.report import format_table, measure, plot_allocation
+from deltatune.train.phases import Phase, describe, enter_stage, plan, restore, train_state, transition
+from deltatune.train.report import format_table, measure
 from deltatune.train.state import prepare_output, resume_phase, resume_state, write_checkpoint, write_text
 
 __all__ = ["TrainConfig", "build_model", "cosine_lr", "evaluate", "fit", "make_optimizer", "train"]
@@ -318,15 +318,10 @@ def _check_finite(p: Parts, what: str) -> None:
 
 
 def _checkpoint(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], phase: Phase) -> None:
-    """The resumable checkpoint after an epoch, with what rebuilds its structure (phase, adapter sizes)."""
+    """The resumable checkpoint after an epoch, with what rebuilds its structure (phase, the methods' own state)."""
     _check_finite(p, f"the weights of epoch {history[-1]['epoch']}")
-    info = {
-        "epoch": history[-1]["epoch"],
-        "phase": phase.index,
-        "adapter_sizes": adapter_sizes(p.model),
-        "history": history,
-        "config": cfg.to_dict(),
-    }
+    info = {"epoch": history[-1]["epoch"], "phase": phase.index, **train_state(p.model, cfg)}
+    info |= {"history": history, "config": cfg.to_dict()}
     write_checkpoint(Path(cfg.output_dir) / CHECKPOINT, *_state(p), info, rt)
 
 
@@ -336,21 +331,32 @@ def _state(p: Parts) -> tuple[nn.Module, Any, Any, nn.Module | None]:
 
 
 def _next_phase(p: Parts, cfg: TrainConfig, rt: Runtime, phase: Phase) -> None:
-    """The transition into ``phase``: prune the adapters (MiMi) or apply the next stage; then its optimizer etc."""
+    """The transition into ``phase``: the phased method's change (MiMi prunes) or the next stage; then its optimizer
+    etc."""
     if phase.prune is not None:
-        sizes = prune(p.model, p.ddp, cfg, phase, p.optimizer, lambda: _batches(p, cfg, rt), _loss(p, rt))
-        what = f"pruned to {sum(sizes.values()):,} adapter neurons ({sum(1 for v in sizes.values() if v)} adapters)"
+        context = Transition(p.optimizer, p.ddp, cfg.seed, lambda n: _batches(p, rt, n), _loss(p, rt))
+        what = transition(p.model, cfg, phase, context)
     else:
-        enter_stage(p.model, cfg, phase, rt.device)
-        what = f"stage {phase.stage + 1}: " + "+".join(c.name for c in cfg.stage_configs()[phase.stage])
+        what = enter_stage(p.model, cfg, phase, rt.device)
     _start_phase(p, cfg, rt, phase)
     if rt.is_main and cfg.progress:
         tqdm.write(f"phase {phase.index + 1}: {what}; {trainable_parameters(p.model):,} trainable parameters")
 
 
-def _batches(p: Parts, cfg: TrainConfig, rt: Runtime) -> Iterator[tuple[Any, Tensor]]:
-    """``cfg.prune_batches`` training batches on the device, mixed like in training (for pruning scores)."""
-    for inputs, targets in itertools.islice(p.train_loader, cfg.prune_batches):
+@dataclass
+class Transition:
+    """What a phased method gets between phases (``protocols.PhaseContext``)."""
+
+    optimizer: torch.optim.Optimizer
+    ddp: nn.Module
+    seed: int
+    batches: Callable[[int], Iterator[tuple[Any, Tensor]]]
+    loss: Callable[[nn.Module, Any, Tensor], Tensor]
+
+
+def _batches(p: Parts, rt: Runtime, n: int) -> Iterator[tuple[Any, Tensor]]:
+    """``n`` training batches on the device, mixed like in training (for a method's scores between phases)."""
+    for inputs, targets in itertools.islice(p.train_loader, n):
         inputs, targets = _to(inputs, rt.device), targets.to(rt.device)
         yield p.mixup(inputs, targets) if p.mixup is not None else (inputs, targets)
 
@@ -387,16 +393,15 @@ def _report(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], phases
 
 
 def _write_outputs(p: Parts, cfg: TrainConfig, rt: Runtime, report: dict, history: list[dict], wall: float) -> None:
-    """Rank 0: the delta files, adapter sizes and allocation plot, parameter counts, GFLOPs, images/s, report.json."""
+    """Rank 0: the delta files, the methods' extras (MiMi: adapter sizes, plot), parameter counts, GFLOPs,
+    images/s, report.json."""
     out, model = Path(cfg.output_dir), p.model
     report["delta_path"] = str(out / DELTA)
     report["delta_bytes"] = save_delta(stored_form(model), out / DELTA)
     if p.ema is not None:
         save_delta(stored_form(p.ema.module), out / "delta_ema.safetensors")
-    if sizes := adapter_sizes(model):  # removed adapters count too
-        report["adapter_sizes"] = sizes
-        report["adapter_sizes_original"] = adapter_sizes(model, original=True)
-        report["allocation_plot"] = str(plot_allocation(report, out / "allocation.png", cfg.model))
+    for config in hooks(cfg.method_configs(), ReportsExtras):
+        report.update(config.report_extras(model, out))
     batch = _to(next(iter(p.eval_loader))[0], rt.device)
     report.update(measure(model, batch, cfg.benchmark_seconds, rt.amp))
     report["wall_s"] = time.perf_counter() - wall

@@ -62,10 +62,14 @@ class MethodConfig(Protocol):
 
 @runtime_checkable
 class DeclaresFamilies(Protocol):
-    """A config that works on some backbone families only (see ``targeting.family``)."""
+    """A config that states which backbone families it applies to (see ``targeting.family``).
 
-    families: ClassVar[frozenset[str]]
-    """The families ``apply`` supports; on any other it raises ``DeltaTuneError``."""
+    A config without ``families`` applies to every preset family (``targeting.FAMILIES``) and to no model of
+    unknown family (a ResNet); the contract tests hold every method to what it declares.
+    """
+
+    families: ClassVar[frozenset[str] | None]
+    """The families ``apply`` supports (None: any model); on any other it raises ``DeltaTuneError``."""
 
 
 @runtime_checkable

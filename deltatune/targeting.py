@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from deltatune.errors import DeltaTuneError
-from deltatune.protocols import DeltaModule
+from deltatune.protocols import DeclaresFamilies, DeltaModule
 
 Targets = str | list[str] | tuple[str, ...]
 
@@ -42,6 +42,16 @@ def family(model: nn.Module) -> str | None:
     if isinstance(model_type, str) and model_type in _HF_FAMILIES:
         return _HF_FAMILIES[model_type]
     return _FAMILIES.get(type(model).__name__)
+
+
+FAMILIES = frozenset({*_FAMILIES.values(), *_HF_FAMILIES.values()})
+"""The preset families; a config that declares no ``families`` supports these (not a model of unknown family)."""
+
+
+def supports(config: Any, model: nn.Module) -> bool:
+    """Whether ``config`` declares that it applies to ``model``'s family (``protocols.DeclaresFamilies``)."""
+    families = config.families if isinstance(config, DeclaresFamilies) else FAMILIES
+    return families is None or family(model) in families
 
 
 def is_delta(module: nn.Module) -> bool:

@@ -12,23 +12,20 @@ import deltatune
 from deltatune.checkpoint import stored_form
 from deltatune.core import delta_modules
 from deltatune.registry import make_config
-
-# (method, backbone) pairs where the method does not apply: apply must raise DeltaTuneError there.
-NOT_APPLICABLE: set[tuple[str, str]] = {
-    *(("vpt-shallow", k) for k in ("swin", "convnext", "mixer", "bert")),  # Swin: tokens live on a spatial grid
-    *(("vpt-deep", k) for k in ("convnext", "mixer", "bert")),
-    *(("prompt", k) for k in ("vit", "swin", "convnext", "mixer")),  # input embeddings of HF text models
-    *(("prefix", k) for k in ("swin", "convnext", "mixer")),
-    *((m, k) for m in ("fact-tt", "fact-tk", "attn-only", "ia3") for k in ("convnext", "mixer")),  # no attention blocks
-    *(("prompt", "resnet"), ("prefix", "resnet"), ("vpt-shallow", "resnet"), ("vpt-deep", "resnet")),
-    # no preset for a ResNet (no blocks with attention/MLP outputs or Linear layers but the head)
-    *((m, "resnet") for m in ("adapter", "mimi", "phm-adapter", "compacter", "adaptformer", "lora")),
-    *((m, "resnet") for m in ("fact-tt", "fact-tk", "attn-only", "mlp-only", "ia3")),
-}
-CASES = [(m, k) for m in deltatune.methods() for k in ALL_BACKBONES if (m, k) not in NOT_APPLICABLE]
-
+from deltatune.targeting import supports
 
 OPTIONS = {"phm-adapter": {"n": 4}}  # the official n = 12 divides none of the tiny widths
+
+
+def _not_applicable() -> set[tuple[str, str]]:
+    """(method, backbone) pairs that the method declares it does not support: apply must raise DeltaTuneError."""
+    models = {k: make_backbone(k) for k in ALL_BACKBONES}
+    configs = {m: make_config(m, **OPTIONS.get(m, {})) for m in deltatune.methods()}
+    return {(m, k) for m, c in configs.items() for k, model in models.items() if not supports(c, model)}
+
+
+NOT_APPLICABLE = _not_applicable()
+CASES = [(m, k) for m in deltatune.methods() for k in ALL_BACKBONES if (m, k) not in NOT_APPLICABLE]
 
 
 def tuned(method: str, kind: str):

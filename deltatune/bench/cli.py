@@ -8,7 +8,7 @@ Configurations are stepped round-robin (one step of each, the order rotated ever
 is kept, so the drift of a shared machine hits all alike. Memory: on CUDA the step's max_memory_allocated plus
 the configuration's resident weights and optimizer state; on CPU the activation bytes saved for backward
 (``deltatune.bench.measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
-formulas (``deltatune.kernels.ssf.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
+formulas (``deltatune.kernels.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
 forces LoRA to recompute its LayerNorm/GELU inputs in backward (the default on CUDA only; ``deltatune.kernels.lora``),
 to show on CPU the memory that LoRA keeps on a GPU.
 """
@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import deltatune
+from deltatune import kernels
 from deltatune.bench.measure import count_saved, cuda_peak, resident_bytes, round_robin
-from deltatune.kernels import lora as fast_lora
-from deltatune.kernels import ssf as fast
 from deltatune.targeting import find_head, is_delta
 
 METHODS = ("floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-recompute", "adapter")
@@ -123,9 +122,9 @@ def _logits(out: Any) -> Tensor:
 @contextlib.contextmanager
 def _mode(case: Case, amp: torch.dtype | None, device: torch.device) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        stack.enter_context(fast_lora.recompute_inputs(case.recompute))
+        stack.enter_context(kernels.recompute_inputs(case.recompute))
         if case.plain:
-            stack.enter_context(fast.disabled())
+            stack.enter_context(kernels.disabled())
         if amp is not None:
             stack.enter_context(torch.autocast(device.type, dtype=amp))
         yield
@@ -171,7 +170,7 @@ def _inference(model: nn.Module, x: Tensor, amp: torch.dtype | None, plain: bool
     autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
     def run() -> None:
-        with torch.no_grad(), fast.disabled() if plain else contextlib.nullcontext(), autocast:
+        with torch.no_grad(), kernels.disabled() if plain else contextlib.nullcontext(), autocast:
             model(x)
 
     return run

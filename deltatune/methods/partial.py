@@ -71,6 +71,7 @@ class AttnOnlyConfig:
     """Attention modules whose parameters train. Default: the family's attention modules."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = frozenset({"vit", "swin", "bert", "hf-vit"})  # attention blocks
     identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
@@ -103,6 +104,7 @@ class LayerNormConfig:
     """Norm layers to train (regex or list of names/suffixes). Default: every norm layer outside the head."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = None  # any model: it needs no preset
     identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 

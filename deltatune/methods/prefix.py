@@ -58,6 +58,7 @@ class PrefixConfig:
     """Sites to leave out (wins over target_modules)."""
 
     mergeable: ClassVar[bool] = False
+    families: ClassVar[frozenset[str] | None] = frozenset(PRESETS)
     name: ClassVar[str]
 
     def __post_init__(self) -> None:

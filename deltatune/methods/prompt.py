@@ -59,6 +59,7 @@ class PromptConfig:
     """Position of the first prompt token; None: 0 for insert="input" (peft), 1 (after [CLS]) for "output"."""
 
     mergeable: ClassVar[bool] = False
+    families: ClassVar[frozenset[str] | None] = frozenset({"bert"})  # input embeddings of HF text encoders
     name: ClassVar[str]
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ class FullConfig:
     """Full fine-tuning: every parameter trains (the baseline every method is compared to)."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = None  # any model: it needs no preset
     identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
@@ -34,6 +35,7 @@ class LinearConfig:
     """Linear probe: only the classification head trains."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = None  # any model: it needs no preset
     identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
@@ -52,6 +54,7 @@ class BitFitConfig:
     """Modules whose biases train (regex or list of names/suffixes). Default: every module with a bias."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = None  # any model: it needs no preset
     identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 

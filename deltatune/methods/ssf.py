@@ -61,6 +61,7 @@ class SSFConfig:
     """Std of the init: scale ~ N(1, std), shift ~ N(0, std)."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = None  # any model: it needs no preset
     name: ClassVar[str]
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:

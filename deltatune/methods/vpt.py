@@ -120,6 +120,7 @@ class _VPTOptions:
 class VPTShallowConfig(_VPTOptions):
     """Visual Prompt Tuning, shallow: p prompt tokens at the input of the first block (timm ViT/DeiT)."""
 
+    families: ClassVar[frozenset[str] | None] = frozenset({"vit"})
     deep: ClassVar[bool] = False
 
 
@@ -128,6 +129,7 @@ class VPTShallowConfig(_VPTOptions):
 class VPTDeepConfig(_VPTOptions):
     """Visual Prompt Tuning, deep: a fresh set of p prompt tokens at every block's input (timm ViT/DeiT, Swin)."""
 
+    families: ClassVar[frozenset[str] | None] = frozenset({"vit", "swin"})
     deep: ClassVar[bool] = True
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from deltatune.backbones import create_backbone, data_config
-from deltatune.bench.measure import round_robin
+from deltatune.bench.measure import paired_ratio, round_robin
 from deltatune.checkpoint import load_delta
 from deltatune.core import merge
 from deltatune.data import load_data, make_loader, make_transform, subsample, with_transforms
@@ -144,11 +144,6 @@ def merge_check(delta_path: Path, task: str, seed: int, max_images: int | None =
         "max_logit_diff": (before - after).abs().max().item(),
         "reloaded_top1": reloaded_top1,
     }
-
-
-def paired_ratio(times: list[float], reference: list[float]) -> float:
-    """Median over rounds of a model's time divided by the reference's time in the same round."""
-    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
 @torch.inference_mode()

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 import deltatune
 from deltatune import kernels
-from deltatune.bench.measure import count_saved, cuda_peak, resident_bytes, round_robin
+from deltatune.bench.measure import count_saved, cuda_peak, paired_ratio, resident_bytes, round_robin
 from deltatune.targeting import find_head, is_delta
 
 METHODS = ("floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-recompute", "adapter")
@@ -250,11 +250,6 @@ def _results(cases: dict[str, Case], infer: dict[str, list[float]], batch: int) 
         r["merged_x_plain_best"] = None if r["merged_infer_ms"] is None else min(merged) / min(plain)
         out.append(r)
     return out
-
-
-def paired_ratio(times: list[float], reference: list[float]) -> float:
-    """Median over rounds of time / reference time in the same round: less swayed by drift across rounds."""
-    return statistics.median(t / ref for t, ref in zip(times, reference))
 
 
 def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune import __version__
 from deltatune import _deltafile as fmt
 from deltatune.core import (
     _require_state,
@@ -62,8 +63,6 @@ def save_delta(model: nn.Module, path: str | os.PathLike) -> int:
     folded (the per-layer prefixes it computes; outputs identical).
     Saving the same model twice gives the same bytes.
     """
-    from deltatune import __version__
-
     model = uncompiled(model)
     state = _require_state(model, "save_delta")
     if state.merged:

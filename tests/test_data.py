@@ -187,3 +187,22 @@ def test_two_ranks_split_the_global_batch() -> None:
         assert sorted(first) == sorted(halves[0] + halves[1]) and len(set(first)) == 8
     evals = [make_loader(data.eval, 16, Runtime(torch.device("cpu"), r, 2), train=False) for r in (0, 1)]
     assert sum(len(loader.dataset) for loader in evals) == len(data.eval)
+
+
+def test_registered_source_receives_its_argument_as_written() -> None:
+    """A source registered by name gets the text after the first colon unchanged (case and further colons kept)."""
+    from deltatune.data import Data, register_source
+    from deltatune.data.sources import _SOURCES
+
+    seen: list[str] = []
+
+    @register_source("echo-test")
+    def _echo(arg: str, request: object) -> Data:
+        seen.append(arg)
+        return Data([], [], 2)
+
+    try:
+        assert load_data("Echo-Test:My Folder:v2/A").num_classes == 2
+        assert seen == ["My Folder:v2/A"]
+    finally:
+        _SOURCES.pop("echo-test")

@@ -173,7 +173,7 @@ class SoftPrompt(nn.Module):
 
     def _installed(self, encoder: nn.Module) -> bool:
         module = getattr(encoder, "embeddings", None)
-        while module is not self and is_delta(module) and hasattr(module, "base"):
+        while module is not self and is_delta(module):
             module = module.base
         return module is self
 

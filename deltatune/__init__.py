@@ -30,10 +30,10 @@ from deltatune.methods.partial import AttnOnlyConfig, LayerNormConfig, MLPOnlyCo
 from deltatune.methods.phm import CompacterConfig, PHMAdapterConfig
 from deltatune.methods.prefix import PrefixConfig
 from deltatune.methods.prompt import PromptConfig
+from deltatune.methods.pruning import prune_adapters
 from deltatune.methods.selection import BitFitConfig, FullConfig, LinearConfig
 from deltatune.methods.ssf import SSFConfig
 from deltatune.methods.vpt import VPTDeepConfig, VPTShallowConfig
-from deltatune.pruning import prune_adapters
 from deltatune.registry import methods
 
 __all__ = [

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune import __version__
 from deltatune import _deltafile as fmt
 from deltatune.core import (
     _require_state,
@@ -39,6 +40,7 @@ from deltatune.core import (
     unwrap,
 )
 from deltatune.errors import DeltaTuneError
+from deltatune.protocols import StoredForm, hooks
 from deltatune.registry import config_from_dict, config_to_dict
 from deltatune.targeting import innermost
 
@@ -46,15 +48,21 @@ CHECKS = ("values", "shapes")
 MAX_STAGES = 64
 
 
+def stored_form(model: nn.Module) -> nn.Module:
+    """What the model's delta file holds: the model, or the copy a config's ``stored_form`` hook makes of it."""
+    state = state_of(uncompiled(model))
+    for config in hooks([e.config for e in state.entries] if state else [], StoredForm):
+        model = config.stored_form(model) or model
+    return model
+
+
 def save_delta(model: nn.Module, path: str | os.PathLike) -> int:
     """Writes the model's deltas and head to ``path`` atomically; returns the file's size in bytes.
 
-    Prefix tuning's reparameterising MLP is stored folded (the per-layer prefixes it computes; outputs identical).
+    A method may store another form (``protocols.StoredForm``): prefix tuning's reparameterising MLP is stored
+    folded (the per-layer prefixes it computes; outputs identical).
     Saving the same model twice gives the same bytes.
     """
-    from deltatune import __version__
-    from deltatune.methods.prefix import stored_form
-
     model = uncompiled(model)
     state = _require_state(model, "save_delta")
     if state.merged:

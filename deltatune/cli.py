@@ -20,7 +20,7 @@ from typing import Any
 
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import methods
-from deltatune.train_config import SECTIONS, TrainConfig, field_docs
+from deltatune.train.config import SECTIONS, TrainConfig, field_docs
 
 
 def _metavar(hint: Any) -> str:
@@ -44,7 +44,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="YAML recipe whose keys are the options below; options given here override it",
     )
-    docs, hints = field_docs(TrainConfig), typing.get_type_hints(TrainConfig)
+    docs, hints = field_docs(), typing.get_type_hints(TrainConfig)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for section, names in SECTIONS.items():
         group = parser.add_argument_group(section)
@@ -74,7 +74,7 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
 
 
 def _run_train(ns: argparse.Namespace) -> int:
-    from deltatune.training import train
+    from deltatune.train.loop import train
 
     train(config_from_args(ns))
     return 0
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_demo_arguments(demo)
     demo.set_defaults(func=_run_demo)
-    from deltatune.bench import add_parser as add_bench
+    from deltatune.bench.cli import add_parser as add_bench
 
     add_bench(sub)  # deltatune bench: step time, memory and merged inference vs full FT and the floor
     return parser

@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from deltatune.errors import DeltaTuneError
+from deltatune.protocols import DeltaModule, Mergeable
 from deltatune.registry import make_config
 from deltatune.targeting import find_head, innermost, is_delta, set_module, shared_tensor_error
 
@@ -131,8 +132,7 @@ def apply(
             applied = config.apply(model, skip)
             new = [(n, m) for n, m in delta_modules(model) if m.delta_stage is None]
             for _, module in new:
-                module.delta_stage = stage
-                _adopt(module)
+                _adopt(module, stage)
             if config.mergeable:
                 _refuse_shared(model, config.name, [n for n, _ in new])
             state.entries.append(Entry(config, stage, bool(head), applied.sites, applied.selected))
@@ -152,16 +152,17 @@ def _bn_option(bn_stats: str | None) -> str:
     return bn_stats
 
 
-def _adopt(wrapper: nn.Module) -> None:
-    """A new wrapper follows its base layer: the base's train/eval mode, and its ``weight``/``bias`` for reading.
+def _adopt(wrapper: DeltaModule, stage: int) -> None:
+    """A new wrapper joins ``stage`` and follows its base layer: the base's train/eval mode, its ``weight``/``bias``.
 
     Its own submodules (dropouts, adapter layers) take the base's mode; the base's subtree is left as it is. Code
     that reads a wrapped layer's tensors (HF reads ``projection.weight.dtype``) sees the innermost base's.
     """
+    wrapper.delta_stage = stage
     base = innermost(wrapper)
     wrapper.training = base.training
     for child in wrapper.children():
-        if child is not getattr(wrapper, "base", None):
+        if child is not wrapper.base:
             child.train(base.training)
     cls = type(wrapper)
     for attr in ("weight", "bias"):
@@ -293,7 +294,7 @@ def merge(model: nn.Module) -> nn.Module:
             visit(child, name)
             if not is_delta(child):
                 continue
-            merged = child.merge() if hasattr(child, "merge") else None
+            merged = child.merge() if isinstance(child, Mergeable) else None
             if merged is None:
                 unmerged.append(f"{name} ({child.delta_method})")
             else:

@@ -21,14 +21,14 @@ from typing import Any
 import torch
 
 from deltatune.backbones import create_backbone, data_config
+from deltatune.bench.measure import paired_ratio, round_robin
 from deltatune.checkpoint import load_delta
 from deltatune.core import merge
 from deltatune.data import load_data, make_loader, make_transform, subsample, with_transforms
-from deltatune.distributed import Runtime
-from deltatune.fast_measure import round_robin
-from deltatune.report import COLUMNS, format_table, merged_copy, plot_accuracy_vs_params
-from deltatune.train_config import TrainConfig
-from deltatune.training import evaluate, train
+from deltatune.train.config import TrainConfig
+from deltatune.train.distributed import Runtime
+from deltatune.train.loop import evaluate, train
+from deltatune.train.report import COLUMNS, format_table, merged_copy, plot_accuracy_vs_params
 
 MODEL = "deltatune_offline_vit"
 # Per-method settings: about 340 CPU-seconds in all (measured); lrs from short sweeps on the bundled weights.
@@ -144,11 +144,6 @@ def merge_check(delta_path: Path, task: str, seed: int, max_images: int | None =
         "max_logit_diff": (before - after).abs().max().item(),
         "reloaded_top1": reloaded_top1,
     }
-
-
-def paired_ratio(times: list[float], reference: list[float]) -> float:
-    """Median over rounds of a model's time divided by the reference's time in the same round."""
-    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
 @torch.inference_mode()

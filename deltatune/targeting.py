@@ -18,6 +18,7 @@ from torch import nn
 
 from deltatune._layers import linear_types
 from deltatune.errors import DeltaTuneError
+from deltatune.protocols import ChecksModel, DeclaresFamilies, DeltaModule
 
 Targets = str | list[str] | tuple[str, ...]
 
@@ -58,14 +59,27 @@ def family(model: nn.Module) -> str | None:
     return _FAMILIES.get(type(model).__name__)
 
 
+FAMILIES = frozenset({*_FAMILIES.values(), *_HF_FAMILIES.values()})
+"""The preset families; a config that declares no ``families`` supports these (not a model of unknown family)."""
+
+
+def supports(config: Any, model: nn.Module) -> bool:
+    """Whether ``config`` declares that it applies to ``model``: its family (``protocols.DeclaresFamilies``) and,
+    for methods that need something no family implies (a head, biases), its own check (``protocols.ChecksModel``)."""
+    families = config.families if isinstance(config, DeclaresFamilies) else FAMILIES
+    if not (families is None or family(model) in families):
+        return False
+    return config.applies_to(model) if isinstance(config, ChecksModel) else True
+
+
 def is_delta(module: nn.Module) -> bool:
-    """True for deltatune's wrapper modules (they carry ``delta_method``)."""
-    return hasattr(module, "delta_method")
+    """True for deltatune's wrapper modules (they satisfy ``protocols.DeltaModule``)."""
+    return isinstance(module, DeltaModule)
 
 
 def innermost(module: nn.Module) -> nn.Module:
     """The plain layer under any stack of delta wrappers."""
-    while is_delta(module) and hasattr(module, "base"):
+    while is_delta(module):
         module = module.base
     return module
 

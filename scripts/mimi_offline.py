@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from deltatune.training import train
+from deltatune.train.loop import train
 
 # name -> TrainConfig fields
 RUNS: dict[str, dict[str, Any]] = {

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from deltatune.backbones import minilm_dir
 from deltatune.data import load_data
-from deltatune.training import train
+from deltatune.train.loop import train
 
 MODEL = "hf:all-MiniLM-L6-v2"
 # name -> TrainConfig fields. Learning rates from a short sweep on the pretrained model, task seed 0, 3-4 epochs:

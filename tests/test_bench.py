@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deltatune import bench
+from deltatune.bench import cli as bench
 
 FIELDS = {
     "name", "trainable", "step_ms", "step_ms_all", "images_per_s", "step_x_full", "step_x_floor", "memory_kind",

@@ -10,7 +10,7 @@ import pytest
 from tiny_run import tiny_config
 
 from deltatune.cli import build_parser, config_from_args, main
-from deltatune.train_config import SECTIONS, TrainConfig, field_docs
+from deltatune.train.config import SECTIONS, TrainConfig, field_docs
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -137,3 +137,29 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert row["gflops_merged"] == pytest.approx(row["gflops_backbone"])
     assert (out / "accuracy_vs_params.png").stat().st_size > 1000 and (out / "results.md").is_file()
     assert sorted(p.name for p in out.rglob("*.safetensors")) == ["delta.safetensors"] * 3
+
+
+def test_trainer_and_cli_name_no_method() -> None:
+    """train/ and the CLI neither test for a method's name nor import a method: the method's own config declares
+    its training options and hooks (MiMi's --rho, --prune-score, phases; prefix's stored form)."""
+    import ast
+
+    import deltatune
+
+    root = Path(deltatune.__file__).parent
+    for path in [*sorted((root / "train").glob("*.py")), root / "cli.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):  # c.name == "mimi", "mimi" in names: a branch on a method
+                named = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                assert not set(named) & set(deltatune.methods()), f"{path.name} tests for the method {named}"
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("deltatune.methods"), f"{path.name} imports {node.module}"
+
+
+def test_method_training_options_keep_their_flags() -> None:
+    """MiMi's options stay `deltatune train` flags and recipe keys, and reach MiMi's config."""
+    cfg = config_from_args(build_parser().parse_args(["train", "--method", "mimi", "--rho", "0.25",
+                                                      "--prune-score", "l1", "--prune-batches", "3"]))  # fmt: skip
+    (mimi,) = cfg.method_configs()
+    assert (mimi.rho, mimi.score, mimi.prune_batches) == (0.25, "l1", 3)
+    assert TrainConfig.from_dict({"method": "mimi", "target_params": 50}).method_configs()[0].target_sigma is None

@@ -9,34 +9,23 @@ import torch
 from conftest import ALL_BACKBONES, make_backbone, make_input, perturb_deltas, rel_err, run
 
 import deltatune
+from deltatune.checkpoint import stored_form
 from deltatune.core import delta_modules
-from deltatune.methods.prefix import stored_form
 from deltatune.registry import make_config
-
-# (method, backbone) pairs where the method does not apply: apply must raise DeltaTuneError there.
-NOT_APPLICABLE: set[tuple[str, str]] = {
-    *(("vpt-shallow", k) for k in ("swin", "convnext", "mixer", "bert")),  # Swin: tokens live on a spatial grid
-    *(("vpt-deep", k) for k in ("convnext", "mixer", "bert")),
-    *(("prompt", k) for k in ("vit", "swin", "convnext", "mixer")),  # input embeddings of HF text models
-    *(("prefix", k) for k in ("swin", "convnext", "mixer")),
-    *((m, k) for m in ("fact-tt", "fact-tk", "attn-only", "ia3") for k in ("convnext", "mixer")),  # no attention blocks
-    *(("prompt", "resnet"), ("prefix", "resnet"), ("vpt-shallow", "resnet"), ("vpt-deep", "resnet")),
-    # no preset for a ResNet (no blocks with attention/MLP outputs or Linear layers but the head)
-    *((m, "resnet") for m in ("adapter", "mimi", "phm-adapter", "compacter", "adaptformer", "lora")),
-    *((m, "resnet") for m in ("fact-tt", "fact-tk", "attn-only", "mlp-only", "ia3")),
-}
-# Language models (tiny GPT-2, Llama, T5; LM logits, no classification head): methods that do not apply there.
-NOT_APPLICABLE |= {
-    *((m, k) for m in ("linear", "prompt", "prefix", "vpt-shallow", "vpt-deep") for k in ("gpt2", "llama", "t5")),
-    *((m, k) for m in ("adaptformer", "fact-tt", "fact-tk", "phm-adapter") for k in ("gpt2", "llama", "t5")),
-    ("compacter", "gpt2"),  # PHM layers wrap nn.Linear only, GPT-2's are Conv1D
-    ("bitfit", "llama"),  # no biases anywhere
-    ("bitfit", "t5"),
-}
-CASES = [(m, k) for m in deltatune.methods() for k in ALL_BACKBONES if (m, k) not in NOT_APPLICABLE]
-
+from deltatune.targeting import supports
 
 OPTIONS = {"phm-adapter": {"n": 4}}  # the official n = 12 divides none of the tiny widths
+
+
+def _not_applicable() -> set[tuple[str, str]]:
+    """(method, backbone) pairs that the method declares it does not support: apply must raise DeltaTuneError."""
+    models = {k: make_backbone(k) for k in ALL_BACKBONES}
+    configs = {m: make_config(m, **OPTIONS.get(m, {})) for m in deltatune.methods()}
+    return {(m, k) for m, c in configs.items() for k, model in models.items() if not supports(c, model)}
+
+
+NOT_APPLICABLE = _not_applicable()
+CASES = [(m, k) for m in deltatune.methods() for k in ALL_BACKBONES if (m, k) not in NOT_APPLICABLE]
 
 
 def tuned(method: str, kind: str):

@@ -11,8 +11,8 @@ from PIL import Image
 
 from deltatune import DeltaTuneError
 from deltatune.data import TensorImages, load_data, make_loader, make_transform, subsample
-from deltatune.distributed import Runtime
-from deltatune.training import train
+from deltatune.train.distributed import Runtime
+from deltatune.train.loop import train
 
 DATA_CFG = {
     "input_size": (3, 32, 32),
@@ -158,7 +158,7 @@ def test_text_folder(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text("text,label\nhello there,b\nbye now,a\n")
     (tmp_path / "test.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
     pytest.importorskip("transformers")
-    from deltatune.text_data import read_rows
+    from deltatune.data.text import read_rows
 
     assert read_rows(tmp_path / "train.csv")[1] == {"text": "bye now", "label": "a"}
     with pytest.raises(DeltaTuneError, match=r"row 1: needs 'text' and 'label'"):
@@ -187,3 +187,22 @@ def test_two_ranks_split_the_global_batch() -> None:
         assert sorted(first) == sorted(halves[0] + halves[1]) and len(set(first)) == 8
     evals = [make_loader(data.eval, 16, Runtime(torch.device("cpu"), r, 2), train=False) for r in (0, 1)]
     assert sum(len(loader.dataset) for loader in evals) == len(data.eval)
+
+
+def test_registered_source_receives_its_argument_as_written() -> None:
+    """A source registered by name gets the text after the first colon unchanged (case and further colons kept)."""
+    from deltatune.data import Data, register_source
+    from deltatune.data.sources import _SOURCES
+
+    seen: list[str] = []
+
+    @register_source("echo-test")
+    def _echo(arg: str, request: object) -> Data:
+        seen.append(arg)
+        return Data([], [], 2)
+
+    try:
+        assert load_data("Echo-Test:My Folder:v2/A").num_classes == 2
+        assert seen == ["My Folder:v2/A"]
+    finally:
+        _SOURCES.pop("echo-test")

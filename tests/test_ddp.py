@@ -15,8 +15,8 @@ from test_resume import _cli_args
 from tiny_run import tiny_config
 
 from deltatune import delta_state_dict
-from deltatune.train_config import TrainConfig
-from deltatune.training import build_model, train
+from deltatune.train.config import TrainConfig
+from deltatune.train.loop import build_model, train
 
 
 def _free_port() -> int:

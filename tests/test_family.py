@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import deltatune
+from deltatune.checkpoint import stored_form
 from deltatune.core import delta_modules
-from deltatune.methods.prefix import fold_prefixes, stored_form
+from deltatune.methods.prefix import fold_prefixes
 
 # Architecture of the tiny backbones in conftest.py (the closed forms below are written in these numbers).
 VIT = dict(d=64, depth=6, mlp=192)  # test_vit: embed 64, 6 blocks, mlp_ratio 3, qkv bias

@@ -14,8 +14,10 @@ from conftest import BACKBONES, make_backbone, make_input, perturb_deltas, rel_e
 from torch import Tensor, nn
 
 import deltatune
-from deltatune import fast, fast_lora
-from deltatune.fast_measure import count_saved
+from deltatune import kernels
+from deltatune.bench.measure import count_saved
+from deltatune.kernels import lora as fast_lora
+from deltatune.kernels import ssf as fast
 from deltatune.methods.lora import LoRALinear
 from deltatune.methods.ssf import SSF
 
@@ -74,7 +76,7 @@ def _compare(model: nn.Module, x: Tensor | dict, tol: float = 2e-5) -> None:
     """Fast vs plain: outputs and gradients within ``tol`` relative to each tensor's size (or to 1e-2 of the
     largest gradient, for gradients that are zero up to rounding, such as a shift before a mean over channels)."""
     out, grads = _grads(model, x)
-    with fast.disabled():
+    with kernels.disabled():
         ref, ref_grads = _grads(model, x)
     assert rel_err(out, ref) < tol
     assert grads.keys() == ref_grads.keys() and grads
@@ -104,7 +106,7 @@ def test_inference_path_matches_plain(name: str) -> None:
     x = torch.randn(3, 4, 12)
     with torch.no_grad():
         out = layer(x)
-        with fast.disabled():
+        with kernels.disabled():
             assert rel_err(out, layer(x)) < 1e-5
 
 
@@ -172,12 +174,12 @@ def test_folded_ssf_saves_less_than_the_obvious_one() -> None:
     floor_bytes = count_saved(floor, x.clone().requires_grad_()).bytes
     model = deltatune.apply(make_backbone("vit"), "ssf")
     folded = count_saved(model, x).bytes / floor_bytes
-    with fast.disabled():
+    with kernels.disabled():
         obvious = count_saved(model, x).bytes / floor_bytes
     assert folded < 1.2 and obvious > 1.6  # measured 1.10 and 1.82
     lora = deltatune.apply(make_backbone("vit"), "lora", target_modules="all-linear")
     fused = count_saved(lora, x).bytes
-    with fast.disabled():
+    with kernels.disabled():
         assert fused <= count_saved(lora, x).bytes  # keeps x, not also x A^T
 
 
@@ -188,10 +190,10 @@ def test_lora_recomputing_its_input_matches_and_keeps_less(kind: str) -> None:
     perturb_deltas(model)
     x = make_input(kind)
     args, kwargs = ((), x) if isinstance(x, dict) else ((x,), {})
-    with fast_lora.recompute_inputs(True):
+    with kernels.recompute_inputs(True):
         _compare(model, x)
         recomputed = count_saved(model, *args, **kwargs).bytes
-    with fast_lora.recompute_inputs(False):
+    with kernels.recompute_inputs(False):
         kept = count_saved(model, *args, **kwargs).bytes
     assert recomputed < 0.9 * kept
 
@@ -244,7 +246,7 @@ def test_bf16_autocast_close_to_plain(name: str) -> None:
     x = torch.randn(4, 6, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, grads = _grads(layer, x)
-        with fast.disabled():
+        with kernels.disabled():
             ref, ref_grads = _grads(layer, x)
     assert rel_err(out.float(), ref.float()) < 3e-2
     for n, g in grads.items():
@@ -294,3 +296,25 @@ def test_ssf_gradients_exact_at_any_scale(scale: float | str, compiled: bool) ->
     assert ((got["scale"].double() - ref["scale"]).abs() <= 1e-5 * size).all()
     for name in ("x", "shift"):
         assert rel_err(got[name].double(), ref[name]) < 1e-5, name
+
+
+def test_fast_path_switches_are_per_thread() -> None:
+    """``kernels.disabled()`` and ``recompute_inputs`` in one thread leave another thread's fast paths as they were."""
+    import threading
+
+    seen: list[bool] = []
+    inside, done = threading.Event(), threading.Event()
+
+    def other() -> None:
+        inside.wait(5)
+        seen.append(kernels.is_enabled())
+        done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with kernels.disabled(), kernels.recompute_inputs(True):
+        inside.set()
+        done.wait(5)
+        assert not kernels.is_enabled()
+    thread.join()
+    assert seen == [True] and kernels.is_enabled()

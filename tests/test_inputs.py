@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 from tiny_run import tiny_config
 
-import deltatune.training as training
 from deltatune import DeltaTuneError
 from deltatune.data import load_data, load_image
-from deltatune.text_data import text_data
-from deltatune.train_config import TrainConfig
-from deltatune.training import train
+from deltatune.data.text import text_data
+from deltatune.train import loop as training
+from deltatune.train.config import TrainConfig
+from deltatune.train.loop import train
 
 
 def _png(path: Path, value: int, size: int = 8) -> None:

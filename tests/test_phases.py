@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from tiny_run import tiny_config
 
 import deltatune
-from deltatune.phases import Phase, plan
-from deltatune.pruning import adapters
-from deltatune.report import count_gflops
-from deltatune.train_config import TrainConfig
-from deltatune.training import build_model, train
+from deltatune.methods.pruning import adapters
+from deltatune.train.config import TrainConfig
+from deltatune.train.loop import build_model, train
+from deltatune.train.phases import Phase, plan
+from deltatune.train.report import count_gflops
 
 # test_vit: width 64, 6 blocks, 2 adapters each; sigma 4 -> 16 neurons each, 192 in all; target sigma 16 keeps 48.
 MIMI = {"method": "mimi", "target_sigma": 16, "epochs": 1, "threads": 1, "lr": 3e-3}
@@ -59,7 +59,7 @@ def test_mimi_training_shrinks_to_the_target_and_reloads(tmp_path: Path, capsys:
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
     """Makes training stop (as if killed) right after the checkpoint of ``epoch`` is written."""
-    import deltatune.training as training
+    from deltatune.train import loop as training
 
     real = training._checkpoint
 

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import deltatune
 from deltatune import DeltaTuneError
 from deltatune.methods.adapter import Adapter
-from deltatune.pruning import activation_scores, adapter_sizes, adapters, neuron_scores, resize_adapters
+from deltatune.methods.pruning import activation_scores, adapter_sizes, adapters, neuron_scores, resize_adapters
 
 
 def test_mimi_score_matches_hand_computation() -> None:

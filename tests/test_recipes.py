@@ -14,8 +14,8 @@ from PIL import Image
 from tiny_run import save_word_bert, tiny_config
 
 from deltatune.data import make_transform, posterize
-from deltatune.train_config import read_yaml
-from deltatune.training import train
+from deltatune.train.config import read_yaml
+from deltatune.train.loop import train
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 # What a recipe may not keep on this machine: its backbone, dataset, size and length. Everything else is its own.

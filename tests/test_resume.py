@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_run import tiny_config
 
-from deltatune.train_config import TrainConfig
-from deltatune.train_state import digest, read_info
-from deltatune.training import train
+from deltatune.train.config import TrainConfig
+from deltatune.train.loop import train
+from deltatune.train.state import digest, read_info
 
 # Every source of randomness: drop path (torch), RandAugment and random erasing (Python's random), mixup (numpy).
 RANDOM = {
@@ -106,7 +106,7 @@ def one_epoch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run stopped after epoch 1 of 2 (its checkpoint written by a 1-epoch run of the same options)."""
     out = tmp_path_factory.mktemp("one_epoch")
     with pytest.MonkeyPatch.context() as m:
-        import deltatune.training as training
+        from deltatune.train import loop as training
 
         real = training._checkpoint
 
@@ -214,8 +214,8 @@ def test_non_finite_weights_are_never_saved_and_the_command_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The run's one step leaves an inf in the weights (its loss and gradient were finite): nothing is saved."""
-    import deltatune.training as training
     from deltatune.cli import main
+    from deltatune.train import loop as training
 
     real = training.make_optimizer
 

@@ -12,10 +12,10 @@ from tiny_run import save_word_bert, tiny_config
 
 from deltatune.backbones import MINILM_HUB, create_backbone, hf_name
 from deltatune.data import is_text_dataset, load_data
+from deltatune.data.text import load_tokenizer, read_rows
 from deltatune.errors import DeltaTuneError
 from deltatune.offline.text_tasks import TEMPLATES, TEXT_TASKS, TOPICS, make_text_task, split_words, write_text_task
-from deltatune.text_data import load_tokenizer, read_rows
-from deltatune.training import train
+from deltatune.train.loop import train
 
 ALIASES = ["hf:all-MiniLM-L6-v2", "hf:ALL-minilm-l6-V2", "hf:sentence-transformers/all-MiniLM-L6-v2"]
 TOPIC_OF = {w: t for t, words in TOPICS.items() for w in words}

@@ -16,9 +16,9 @@ from tiny_run import save_word_bert, tiny_config
 import deltatune
 from deltatune.backbones import create_backbone
 from deltatune.data import Data, TensorImages, load_data
-from deltatune.report import count_gflops, format_table
-from deltatune.train_state import read_info
-from deltatune.training import cosine_lr, make_optimizer, train
+from deltatune.train.loop import cosine_lr, make_optimizer, train
+from deltatune.train.report import count_gflops, format_table
+from deltatune.train.state import read_info
 
 
 def _plain_test_vit(num_classes: int = 4) -> torch.nn.Module:
@@ -64,7 +64,7 @@ def test_every_method_has_a_loss_test() -> None:
 def wide_frozen_head(monkeypatch: pytest.MonkeyPatch) -> None:
     """train() builds timm backbones whose fresh head is N(0, 0.5), as conftest.make_backbone does: a frozen head at
     timm's 0.02 scale passes so little signal back that bitfit or VPT cannot move the loss in a few steps."""
-    from deltatune import training
+    from deltatune.train import loop as training
 
     def create(*args: object, **kwargs: object) -> torch.nn.Module:
         model = create_backbone(*args, **kwargs)

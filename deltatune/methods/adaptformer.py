@@ -55,6 +55,8 @@ class AdaptFormerConfig:
 
     hidden: int = 64
     """Bottleneck width (the paper's default 64 for ViT-B)."""
+
+    families: ClassVar[frozenset[str] | None] = frozenset(PRESETS)
     scale: float = 0.1
     """Fixed scale s of the branch's output."""
     dropout: float = 0.1

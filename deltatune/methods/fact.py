@@ -61,6 +61,7 @@ class _FacTOptions:
     """Sites to leave out (wins over target_modules)."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = frozenset(PRESETS)
     identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
     tucker: ClassVar[bool]

@@ -72,6 +72,7 @@ class IA3Config:
     """Sites to leave out (wins over target_modules). Default: the family's (BERT: attention.output.dense)."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = frozenset(PRESETS)
     name: ClassVar[str]
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune import fast_lora
 from deltatune._layers import features, linear_types, out_in
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
+from deltatune.kernels import lora as fast_lora
 from deltatune.numerics import round_to
 from deltatune.registry import register, require
 from deltatune.targeting import Targets, find_sites, innermost, is_delta, resolve_targets, set_module

@@ -78,6 +78,7 @@ class AttnOnlyConfig:
     """Attention modules whose parameters train. Default: the family's attention modules."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = frozenset(ATTN_PRESETS)  # attention blocks
     identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
@@ -110,6 +111,7 @@ class LayerNormConfig:
     """Norm layers to train (regex or list of names/suffixes). Default: every norm layer outside the head."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = None  # any model: it needs no preset
     identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 

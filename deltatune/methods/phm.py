@@ -97,6 +97,7 @@ class PHMAdapterConfig(_PHMOptions):
     """Number of Kronecker summands; divides d and the hidden size (official PHM-adapter config: 12)."""
 
     shared_rule: ClassVar[bool] = False
+    families: ClassVar[frozenset[str] | None] = frozenset(ADAPTER_PRESETS) - {"gpt2"}  # PHM layers replace Linears
 
 
 @register("compacter")
@@ -108,6 +109,7 @@ class CompacterConfig(_PHMOptions):
     """Std of the normal init of the shared rule A (official Compacter: 1e-4)."""
 
     shared_rule: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = frozenset(ADAPTER_PRESETS) - {"gpt2"}  # PHM layers replace Linears
 
 
 def _glorot_(t: Tensor) -> Tensor:

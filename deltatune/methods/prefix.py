@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.core import Applied
+from deltatune.core import Applied, delta_modules, state_of
 from deltatune.errors import DeltaTuneError
 from deltatune.numerics import round_to
 from deltatune.registry import register
@@ -58,6 +58,7 @@ class PrefixConfig:
     """Sites to leave out (wins over target_modules)."""
 
     mergeable: ClassVar[bool] = False
+    families: ClassVar[frozenset[str] | None] = frozenset(PRESETS)
     name: ClassVar[str]
 
     def __post_init__(self) -> None:
@@ -80,6 +81,11 @@ class PrefixConfig:
             set_module(model, name, PrefixAttention(module, self.num_tokens, width, shared, offset, ref))
             offset += 2 * width
         return Applied([n for n, _ in sites])
+
+    def stored_form(self, model: nn.Module) -> nn.Module | None:
+        """Training hook: a delta file holds the prefixes with the reparameterising MLP folded away (a copy; the
+        model keeps training through the MLP), else the model itself (None)."""
+        return fold_prefixes(copy.deepcopy(model)) if self.reparameterize else None
 
 
 def _attn_dim(name: str, attn: nn.Module) -> int:
@@ -200,23 +206,10 @@ class PrefixAttention(nn.Module):
 def fold_prefixes(model: nn.Module) -> nn.Module:
     """Folds a trained model's reparameterising MLP into each layer's prefixes, in place (outputs unchanged), and
     records ``reparameterize=False``: a delta file then stores p x 2d per layer instead of the MLP."""
-    from deltatune.core import delta_modules, state_of
-
     for _, module in delta_modules(model):
         if isinstance(module, PrefixAttention):
             module.merge()
     for entry in state_of(model).entries if state_of(model) else []:
         if isinstance(entry.config, PrefixConfig) and entry.config.reparameterize:
             entry.config = dataclasses.replace(entry.config, reparameterize=False)
-    return model
-
-
-def stored_form(model: nn.Module) -> nn.Module:
-    """What a finished run's delta file should hold: the model itself, or, if it trains prefixes through the
-    MLP, a copy with the MLP folded away (the model keeps training as it was)."""
-    from deltatune.core import state_of
-
-    state = state_of(model)
-    if state and any(isinstance(e.config, PrefixConfig) and e.config.reparameterize for e in state.entries):
-        return fold_prefixes(copy.deepcopy(model))
     return model

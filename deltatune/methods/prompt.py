@@ -59,6 +59,7 @@ class PromptConfig:
     """Position of the first prompt token; None: 0 for insert="input" (peft), 1 (after [CLS]) for "output"."""
 
     mergeable: ClassVar[bool] = False
+    families: ClassVar[frozenset[str] | None] = frozenset({"bert"})  # input embeddings of HF text encoders
     name: ClassVar[str]
 
     def __post_init__(self) -> None:
@@ -172,7 +173,7 @@ class SoftPrompt(nn.Module):
 
     def _installed(self, encoder: nn.Module) -> bool:
         module = getattr(encoder, "embeddings", None)
-        while module is not self and is_delta(module) and hasattr(module, "base"):
+        while module is not self and is_delta(module):
             module = module.base
         return module is self
 

@@ -13,7 +13,7 @@ from deltatune._layers import linear_types
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import register
-from deltatune.targeting import Targets, candidates, matches
+from deltatune.targeting import Targets, candidates, find_head, matches
 
 
 @register("full")
@@ -22,6 +22,7 @@ class FullConfig:
     """Full fine-tuning: every parameter trains (the baseline every method is compared to)."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = None  # any model: it needs no preset
     identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
@@ -35,8 +36,13 @@ class LinearConfig:
     """Linear probe: only the classification head trains."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = None  # any model: it needs no preset
     identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
+
+    def applies_to(self, model: nn.Module) -> bool:
+        """Only a model with a classification head (a causal LM has none) can be linearly probed."""
+        return find_head(model, True) is not None
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         if not skip:
@@ -53,10 +59,26 @@ class BitFitConfig:
     """Modules whose biases train (regex or list of names/suffixes). Default: every module with a bias."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = None  # any model: it needs no preset
     identity_at_init: ClassVar[bool] = True
     name: ClassVar[str]
 
+    def applies_to(self, model: nn.Module) -> bool:
+        """Only a model with biases outside its head (Llama and T5 have none) can be bias-tuned."""
+        head = find_head(model, True)
+        return bool(self._biases(model, (head,) if head else ())[1])
+
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
+        sites, biases = self._biases(model, skip)
+        if not biases:
+            raise DeltaTuneError(
+                f"bitfit: target_modules={self.target_modules!r} matched no module with a bias; "
+                f"candidates: {candidates(model, (*linear_types(), nn.Conv1d, nn.Conv2d, nn.LayerNorm))}"
+            )
+        return Applied(sites, biases)
+
+    def _biases(self, model: nn.Module, skip: tuple[str, ...]) -> tuple[list[str], list[nn.Parameter]]:
+        """(names, biases) of the targeted modules that own a bias, outside ``skip``."""
         sites, biases = [], []
         for name, module in model.named_modules():
             bias = module.__dict__.get("_parameters", {}).get("bias")
@@ -65,9 +87,4 @@ class BitFitConfig:
             if self.target_modules is None or matches(name, self.target_modules):
                 sites.append(name)
                 biases.append(bias)
-        if not biases:
-            raise DeltaTuneError(
-                f"bitfit: target_modules={self.target_modules!r} matched no module with a bias; "
-                f"candidates: {candidates(model, (*linear_types(), nn.Conv1d, nn.Conv2d, nn.LayerNorm))}"
-            )
-        return Applied(sites, biases)
+        return sites, biases

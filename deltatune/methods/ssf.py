@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune import fast
 from deltatune._layers import features, is_conv1d, is_rms_norm, linear_types, out_in, rms_norm_types
 from deltatune.core import Applied
+from deltatune.kernels import ssf as fast
 from deltatune.numerics import round_to
 from deltatune.registry import register
 from deltatune.targeting import (
@@ -65,6 +65,7 @@ class SSFConfig:
     """Std of the init: scale ~ N(1, std), shift ~ N(0, std)."""
 
     mergeable: ClassVar[bool] = True
+    families: ClassVar[frozenset[str] | None] = None  # any model: it needs no preset
     name: ClassVar[str]
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:

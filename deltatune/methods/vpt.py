@@ -148,6 +148,7 @@ def _swin_pool_site(model: nn.Module, method: str) -> str:
 class VPTShallowConfig(_VPTOptions):
     """Visual Prompt Tuning, shallow: p prompt tokens at the input of the first block (timm ViT/DeiT)."""
 
+    families: ClassVar[frozenset[str] | None] = frozenset({"vit"})
     deep: ClassVar[bool] = False
 
 
@@ -156,6 +157,7 @@ class VPTShallowConfig(_VPTOptions):
 class VPTDeepConfig(_VPTOptions):
     """Visual Prompt Tuning, deep: a fresh set of p prompt tokens at every block's input (timm ViT/DeiT, Swin)."""
 
+    families: ClassVar[frozenset[str] | None] = frozenset({"vit", "swin"})
     deep: ClassVar[bool] = True
 
 

@@ -5,30 +5,35 @@ Precedence: the field defaults, then a YAML file (``--config``), then options gi
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import inspect
-import math
-import textwrap
-import types
 import typing
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import make_config
+from deltatune.train.options import (
+    coerce,
+    flag,
+    method_option_fields,
+    method_options,
+    method_sections,
+    read_yaml,
+    source_docs,
+)
 
 TRANSFORMS = ("timm", "resize", "none")
 
 
 @dataclass
-class TrainConfig:
-    """One training run: backbone, delta method, data, augmentation, optimisation and bookkeeping."""
+class _TrainConfig:
+    """One training run: backbone, delta method, data, augmentation, optimisation and bookkeeping.
+
+    ``TrainConfig`` adds the registered methods' training options (``protocols.TrainOptions``) as fields.
+    """
 
     # Backbone and method
     model: str = "deltatune_offline_vit"
@@ -49,25 +54,10 @@ class TrainConfig:
     train_head: bool = True
     """Train a fresh classification head along with the deltas."""
 
-    # Phases: sequential stages and MiMi pruning
+    # Phases: sequential stages (a method's own options, e.g. MiMi's pruning, come from its config: cli_options)
     stages: list[str] | None = None
     """Sequential stages instead of --method: "prompt,bitfit,adapter" trains each method in turn for --epochs
     epochs while the earlier stages' deltas stay frozen ("bitfit+adapter" trains two together in one stage)."""
-    rho: float | None = None
-    """mimi: fraction of the remaining adapter neurons pruned after each phase; none: the method's (0.5)."""
-    phases: int | None = None
-    """mimi: training phases, each --epochs long, with a pruning after all but the last; none: as many as rho
-    needs to reach the target (if set, rho is derived from it)."""
-    target_sigma: float | None = None
-    """mimi: prune until the adapters are as small as this sigma makes them; none: the method's (32)."""
-    target_params: int | None = None
-    """mimi: prune until the adapters hold this many parameters (instead of --target-sigma)."""
-    prune_score: str | None = None
-    """mimi: neuron score, mimi, l1, random, grad or activation (the paper's ablations); none: mimi."""
-    prune_scope: str | None = None
-    """mimi: global (one ranking over all adapters) or local (the same fraction in each adapter); none: global."""
-    prune_batches: int = 8
-    """mimi: training batches whose gradients (score grad) or activations (score activation) rank the neurons."""
 
     # Data
     dataset: str = "offline:digits"
@@ -225,26 +215,35 @@ class TrainConfig:
                     f" got {', '.join(stray)}"
                 )
             options = self.method_options
-        pruning = {PRUNING[k]: getattr(self, k) for k in PRUNING if getattr(self, k) is not None}
-        if pruning and "mimi" not in names:
-            raise DeltaTuneError(f"{', '.join(pruning)}: pruning options go with --method mimi")
-        if "target_params" in pruning:
-            pruning["target_sigma"] = None
+        self._check_train_options(names)
         configs = [[make_config(n, **(options.get(n) or {})) for n in stage] for stage in stages]
-        return [[dataclasses.replace(c, **pruning) if c.name == "mimi" else c for c in stage] for stage in configs]
+        return [[self._with_train_options(c) for c in stage] for stage in configs]
+
+    def _with_train_options(self, config: Any) -> Any:
+        """``config`` with the training options that set its fields (``cli_options``) applied."""
+        given = {f: getattr(self, o) for o, (cls, f) in method_options().items() if type(config) is cls}
+        given = {f: v for f, v in given.items() if v is not None}
+        return config.with_options(**given) if given else config
+
+    def _check_train_options(self, names: list[str]) -> None:
+        """Refuses a method's training options (--rho, ...) when the run does not train that method."""
+        for cls in {cls for cls, _ in method_options().values()}:
+            given = [f for o, (c, f) in method_options().items() if c is cls and getattr(self, o) is not None]
+            if given and cls.name not in names:
+                raise DeltaTuneError(f"{', '.join(given)}: {cls.cli_group} options go with --method {cls.name}")
 
 
 # field: (lowest, highest, strict); None is unbounded, strict excludes the bounds. None values skip the check.
 LIMITS: dict[str, tuple[float | None, float | None, bool]] = {
-    **dict.fromkeys(("epochs", "batch_size", "max_length", "prune_batches", "img_size", "threads"), (1, None, False)),
-    **dict.fromkeys(("max_train_samples", "max_eval_samples", "phases", "target_params"), (1, None, False)),
+    **dict.fromkeys(("epochs", "batch_size", "max_length", "img_size", "threads"), (1, None, False)),
+    **dict.fromkeys(("max_train_samples", "max_eval_samples"), (1, None, False)),
     **dict.fromkeys(("num_workers", "checkpoint_every", "eval_every", "warmup_epochs"), (0, None, False)),
     **dict.fromkeys(("lr", "min_lr", "warmup_lr"), (0, 1e4, False)),  # larger overflows AdamW's float32 step
     **dict.fromkeys(("weight_decay", "benchmark_seconds"), (0, None, False)),
     **dict.fromkeys(("color_jitter", "mixup", "cutmix"), (0, None, False)),
     **dict.fromkeys(("hflip", "reprob", "smoothing"), (0, 1, False)),
-    **dict.fromkeys(("grad_clip", "target_sigma"), (0, None, True)),
-    **dict.fromkeys(("ema_decay", "rho"), (0, 1, True)),
+    **dict.fromkeys(("grad_clip",), (0, None, True)),
+    **dict.fromkeys(("ema_decay",), (0, 1, True)),
 }
 # Options --resume may change: they do not alter what is trained (num_workers: with random augmentation keep it
 # too, each worker draws its own augmentations). Every other option must match the checkpoint's.
@@ -274,10 +273,6 @@ def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def check_range(name: str, value: Any, low: float | None, high: float | None, strict: bool) -> None:
     """Refuses ``value`` outside [low, high] ((low, high) when ``strict``), naming the option and the range."""
     if value is None:
@@ -289,7 +284,7 @@ def check_range(name: str, value: Any, low: float | None, high: float | None, st
         hi = "" if high is None else f" {'<' if strict else '<='} {high}"
         none = " (or none)" if type(None) in typing.get_args(_hints()[name]) else ""
         raise DeltaTuneError(
-            f"{name}: {value!r} is out of range; set {_flag(name)} to a value with {lo}{name}{hi}{none}"
+            f"{name}: {value!r} is out of range; set {flag(name)} to a value with {lo}{name}{hi}{none}"
             f" ({field_docs().get(name, '')})"
         )
 
@@ -306,13 +301,6 @@ def check_model_kwargs(kwargs: dict[str, Any]) -> None:
             )
 
 
-# TrainConfig option -> MiMiConfig field
-PRUNING = {k: k for k in ("rho", "phases", "target_sigma", "target_params")} | {
-    "prune_score": "score",
-    "prune_scope": "scope",
-}
-
-
 SECTIONS: dict[str, list[str]] = {
     "backbone and method": [
         "model",
@@ -324,16 +312,8 @@ SECTIONS: dict[str, list[str]] = {
         "method_options",
         "train_head",
     ],
-    "phases: sequential stages and MiMi pruning": [
-        "stages",
-        "rho",
-        "phases",
-        "target_sigma",
-        "target_params",
-        "prune_score",
-        "prune_scope",
-        "prune_batches",
-    ],
+    "phases: sequential stages": ["stages"],
+    **method_sections(),
     "data": [
         "dataset",
         "data_dir",
@@ -383,88 +363,15 @@ SECTIONS: dict[str, list[str]] = {
 }
 
 
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", method_option_fields(), bases=(_TrainConfig,), namespace={"__doc__": _TrainConfig.__doc__}
+)
+TrainConfig.__module__ = __name__
+
+
 @cache
-def field_docs(cls: type = TrainConfig) -> dict[str, str]:
-    """The docstring under each dataclass field, joined into one line (read from the source with ``ast``)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else None
-        if is_field and isinstance(doc, str):
-            docs[node.target.id] = " ".join(doc.split())
+def field_docs() -> dict[str, str]:
+    """The help text of every TrainConfig field: the docstring under it, or its method config field's."""
+    docs = source_docs(_TrainConfig)
+    docs.update({f.name: f.metadata["doc"] for f in dataclasses.fields(TrainConfig) if "doc" in f.metadata})
     return docs
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML mapping, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeltaTuneError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DeltaTuneError(f"config file {str(path)!r} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise DeltaTuneError(f"config file {str(path)!r} must hold a mapping of option: value")
-    return data
-
-
-def coerce(name: str, value: Any, hint: Any) -> Any:
-    """Converts ``value`` (possibly a string from YAML or the command line) to the field's type."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if is_none and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # X | None: X's own message
-            return coerce(name, value, options[0])
-        for arg in options:
-            try:
-                return coerce(name, value, arg)
-            except DeltaTuneError:
-                continue
-        raise DeltaTuneError(f"{name}: cannot read {value!r} as {hint}")
-    origin = typing.get_origin(hint) or hint
-    if isinstance(value, str) and origin in (dict, list, bool):
-        value = _parse_yaml_value(name, value)
-    if origin is bool:
-        if isinstance(value, bool):
-            return value
-        raise DeltaTuneError(f"{name}: expected true or false, got {value!r}")
-    if origin in (int, float):
-        if isinstance(value, bool):  # YAML reads true/yes/on as a boolean, which int() would take as 1
-            raise DeltaTuneError(f"{name}: expected a number, got the boolean {value!r}; set {_flag(name)} to a number")
-        try:
-            number = origin(value)
-        except (TypeError, ValueError, OverflowError):
-            raise DeltaTuneError(f"{name}: expected a number, got {value!r}") from None
-        if origin is int and isinstance(value, float) and number != value:
-            raise DeltaTuneError(f"{name}: expected an integer, got {value!r}")
-        if not math.isfinite(number):
-            raise DeltaTuneError(f"{name}: expected a finite number, got {value!r}; set {_flag(name)} to a real value")
-        return number
-    if origin is str:
-        if isinstance(value, str):
-            return value
-        raise DeltaTuneError(f"{name}: expected text, got {value!r}")
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise DeltaTuneError(f"{name}: expected a list of names, got {value!r}")
-    if origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise DeltaTuneError(f'{name}: expected a mapping like "{{key: value}}", got {value!r}')
-    return value
-
-
-def _parse_yaml_value(name: str, text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise DeltaTuneError(f"{name}: cannot parse {text!r} as YAML ({e})") from e

@@ -7,41 +7,28 @@
 LoRA needs its input x for dA and dB. When x is the output of a LayerNorm or a GELU that autograd already keeps
 the input of (qkv and fc1 follow LayerNorms, fc2 follows the MLP's GELU), x can be recomputed in backward from
 those kept tensors instead of being kept a second time: one elementwise pass for a copy of the activations.
-``recompute_inputs`` chooses: by default on CUDA only, where memory is what runs out and elementwise work is cheap
-next to the matmuls; on CPU the step time matters more and the extra pass costs a few percent.
+``kernels.recompute_inputs`` chooses: by default on CUDA only, where memory is what runs out and elementwise work
+is cheap next to the matmuls; on CPU the step time matters more and the extra pass costs a few percent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune import fast
-
-_recompute: bool | None = None  # None: on CUDA only
-
-
-@contextmanager
-def recompute_inputs(enabled: bool | None) -> Iterator[None]:
-    """Inside the block LoRA recomputes x from its LayerNorm/GELU producer's kept tensors (True), keeps x (False),
-    or recomputes on CUDA only (None, the default)."""
-    global _recompute
-    before, _recompute = _recompute, enabled
-    try:
-        yield
-    finally:
-        _recompute = before
+from deltatune.kernels._common import is_enabled, needs_grad, plain_linear, rows, wants_recompute
 
 
 def lora_weight(
     weight: Tensor, lora_a: Tensor, lora_b: Tensor, chunks: tuple[int, ...], scaling: float, with_b: bool = False
 ) -> Tensor:
     """``W + s B A`` on the output chunks that carry LoRA: (out, in), built without touching activations.
+
+    The one chunked B A product: the fast path builds its merged weight with it, and a merge can too (in float64:
+    pass float64 tensors, then round once).
 
     ``with_b`` appends B as P*r extra columns (each part's B on its chunk's rows): (out, in + P*r).
     """
@@ -98,10 +85,6 @@ def recompute(kind: str, arg: Any, saved: tuple[Tensor | None, ...]) -> Tensor:
     return x
 
 
-def _wants_recompute(x: Tensor) -> bool:
-    return x.is_cuda if _recompute is None else _recompute
-
-
 class LoRALinearFn(torch.autograd.Function):
     """``F.linear(x, W + s B A, b)`` for a frozen W: one matmul forward, the low-rank grads from x (or its recipe)."""
 
@@ -117,7 +100,7 @@ class LoRALinearFn(torch.autograd.Function):
         scaling: float,
     ) -> Tensor:
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        recipe = input_recipe(x) if (need_a or need_b) and _wants_recompute(x) else None
+        recipe = input_recipe(x) if (need_a or need_b) and wants_recompute(x) else None
         kept = ([x] if need_a or need_b else [None]) if recipe is None else recipe[2]
         ctx.chunks, ctx.scaling, ctx.recipe, ctx.kept = chunks, scaling, recipe and recipe[:2], len(kept)
         ctx.save_for_backward(*kept, weight if need_x else None, lora_a, lora_b)
@@ -129,7 +112,7 @@ class LoRALinearFn(torch.autograd.Function):
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         chunks, s = ctx.chunks, ctx.scaling
         _, c, r = lora_b.shape
-        dy2 = fast.rows(dy)  # (N, out)
+        dy2 = rows(dy)  # (N, out)
         parts = [dy2[:, k * c : (k + 1) * c] for k in chunks]  # (N, C) each, strided views
         dx = dbias = da = db = dh = None
         if need_x:  # one matmul gives dx and, in r extra columns a part, dh = dy B: dy [W + s B A | B]
@@ -142,7 +125,7 @@ class LoRALinearFn(torch.autograd.Function):
             dbias = dy2.sum(0)
         if need_a or need_b:
             x = kept[0] if ctx.recipe is None else recompute(*ctx.recipe, tuple(kept))
-            x2 = fast.rows(x).to(dy.dtype)  # (N, in)
+            x2 = rows(x).to(dy.dtype)  # (N, in)
         if need_a:  # products ordered so that the small dim is the output's rows: several times faster on CPU
             if dh is None:
                 dh = torch.cat([b.to(dy.dtype).t().mm(part.t()).t() for b, part in zip(lora_b, parts)], 1)
@@ -157,8 +140,8 @@ def lora(
     base: nn.Module, x: Tensor, lora_a: Tensor, lora_b: Tensor, chunks: tuple[int, ...], scaling: float
 ) -> Tensor | None:
     """LoRA beside ``base`` as one matmul with the merged weight, or None where no fast path applies."""
-    if not fast.is_enabled() or not fast.plain_linear(base):
+    if not is_enabled() or not plain_linear(base):
         return None
-    if not fast.needs_grad(x, base.bias, lora_a, lora_b):  # inference: merged on the fly
+    if not needs_grad(x, base.bias, lora_a, lora_b):  # inference: merged on the fly
         return F.linear(x, lora_weight(base.weight, lora_a, lora_b, chunks, scaling), base.bias)
     return LoRALinearFn.apply(x, base.weight, base.bias, lora_a, lora_b, chunks, scaling)

@@ -14,74 +14,32 @@ which return None where no fast path applies (the wrapper then runs its plain fo
   modified in place afterwards (autograd then raises). The two sums are one pass over dy and y (``column_sums``).
 - SSF after a LayerNorm: folded into its affine (``w * scale``, ``b * scale + shift``); native LN backward.
 - LoRA on a Linear (no dropout): ``y = x (W + s B A)^T + b``, one matmul with the merged weight built on the fly
-  (weight-sized work, not activation-sized); see ``deltatune.fast_lora``.
+  (weight-sized work, not activation-sized); see ``kernels/lora.py``.
 - BitFit needs nothing here: a frozen-weight linear with a trainable bias saves nothing and reduces dy once.
 - Adapters need nothing either: their layers are plain Linears; their extra memory is the base output that the
   down-projection's weight gradient needs.
 
 Elsewhere (a trainable base weight, convolutions, SSF over another delta, LoRA dropout in training) the plain
 formulas run. All of it is plain PyTorch, traceable by torch.compile without graph breaks, on CPU and CUDA alike.
-``disabled()`` switches the fast paths off, so the plain formulas serve as the reference in tests and benchmarks.
+``kernels.disabled()`` switches the fast paths off, so the plain formulas serve as the reference in tests and
+benchmarks.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_enabled = True
+from deltatune.kernels._common import is_enabled, needs_grad, plain_layer_norm, plain_linear, rows
+
 SAFE_SHIFT_RATIO = 2.0  # max |shift / scale| for which the folded SSF recovers its scale gradient from the output
 
-
-def is_enabled() -> bool:
-    """Whether the wrappers route through the fast paths (True by default)."""
-    return _enabled
-
-
-@contextmanager
-def disabled() -> Iterator[None]:
-    """Runs the wrappers' plain formulas inside the block: the reference the fast paths are checked against."""
-    global _enabled
-    before, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = before
-
-
-def plain_linear(layer: nn.Module) -> bool:
-    """A Linear whose forward is ``F.linear(x, weight, bias)``, with a frozen weight (its gradient would need x)."""
-    return type(layer).forward is nn.Linear.forward and isinstance(layer, nn.Linear) and not layer.weight.requires_grad
-
-
-def plain_layer_norm(layer: nn.Module) -> bool:
-    """A LayerNorm over the last dim whose forward is ``F.layer_norm`` (torch's, or timm's without fast-norm)."""
-    if not isinstance(layer, nn.LayerNorm) or len(layer.normalized_shape) != 1:
-        return False
-    cls = type(layer)
-    if cls.forward is nn.LayerNorm.forward:
-        return True
-    return cls.__module__ == "timm.layers.norm" and cls.__name__ == "LayerNorm" and not layer._fast_norm
-
-
-def needs_grad(*tensors: Tensor | None) -> bool:
-    """Whether autograd will want gradients through these tensors (else the inference formula serves)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def rows(t: Tensor) -> Tensor:
-    """(..., C) -> (N, C) without a copy when possible."""
-    return t.reshape(-1, t.shape[-1])
-
-
-# ---------------------------------------------------------------------------------------------------- SSF
 
 
 def _column_sums_plain(dy: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -170,7 +128,7 @@ class SSFLinearFn(torch.autograd.Function):
 
 def ssf(base: nn.Module, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | None:
     """SSF over ``base`` folded into it, or None where no fast path applies (the caller then runs the plain one)."""
-    if not _enabled:
+    if not is_enabled():
         return None
     if plain_layer_norm(base):
         weight = scale if base.weight is None else base.weight * scale

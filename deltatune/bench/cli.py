@@ -7,9 +7,9 @@ grad: forward plus input-gradient backward, the least any frozen-backbone method
 Configurations are stepped round-robin (one step of each, the order rotated every round) and each one's median
 is kept, so the drift of a shared machine hits all alike. Memory: on CUDA the step's max_memory_allocated plus
 the configuration's resident weights and optimizer state; on CPU the activation bytes saved for backward
-(``deltatune.fast_measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
-formulas (``deltatune.fast.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
-forces LoRA to recompute its LayerNorm/GELU inputs in backward (the default on CUDA only; ``deltatune.fast_lora``),
+(``deltatune.bench.measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
+formulas (``deltatune.kernels.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
+forces LoRA to recompute its LayerNorm/GELU inputs in backward (the default on CUDA only; ``deltatune.kernels.lora``),
 to show on CPU the memory that LoRA keeps on a GPU.
 """
 
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import deltatune
-from deltatune import fast, fast_lora
-from deltatune.fast_measure import count_saved, cuda_peak, resident_bytes, round_robin
+from deltatune import kernels
+from deltatune.bench.measure import count_saved, cuda_peak, paired_ratio, resident_bytes, round_robin
 from deltatune.targeting import find_head, is_delta
 
 METHODS = ("floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-recompute", "adapter")
@@ -122,9 +122,9 @@ def _logits(out: Any) -> Tensor:
 @contextlib.contextmanager
 def _mode(case: Case, amp: torch.dtype | None, device: torch.device) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        stack.enter_context(fast_lora.recompute_inputs(case.recompute))
+        stack.enter_context(kernels.recompute_inputs(case.recompute))
         if case.plain:
-            stack.enter_context(fast.disabled())
+            stack.enter_context(kernels.disabled())
         if amp is not None:
             stack.enter_context(torch.autocast(device.type, dtype=amp))
         yield
@@ -170,7 +170,7 @@ def _inference(model: nn.Module, x: Tensor, amp: torch.dtype | None, plain: bool
     autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
     def run() -> None:
-        with torch.no_grad(), fast.disabled() if plain else contextlib.nullcontext(), autocast:
+        with torch.no_grad(), kernels.disabled() if plain else contextlib.nullcontext(), autocast:
             model(x)
 
     return run
@@ -250,11 +250,6 @@ def _results(cases: dict[str, Case], infer: dict[str, list[float]], batch: int) 
         r["merged_x_plain_best"] = None if r["merged_infer_ms"] is None else min(merged) / min(plain)
         out.append(r)
     return out
-
-
-def paired_ratio(times: list[float], reference: list[float]) -> float:
-    """Median over rounds of time / reference time in the same round: less swayed by drift across rounds."""
-    return statistics.median(t / ref for t, ref in zip(times, reference))
 
 
 def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The training loop behind ``deltatune train``: one readable epoch loop with AdamW, warm-up + cosine, EMA, mixup,
 AMP, gradient clipping, DDP, per-epoch JSONL logs and exactly resumable checkpoints.
 
-    from deltatune.training import train
+    from deltatune.train.loop import train
     report = train({"model": "deltatune_offline_vit", "dataset": "offline:digits", "method": "ssf", "epochs": 5})
 
 Under ``torchrun --nproc_per_node N`` the same call trains with DistributedDataParallel; the global batch is
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from timm.data import Mixup
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deltatune.backbones import create_backbone, data_config, forward, hf_name, is_text_model
-from deltatune.checkpoint import save_delta
+from deltatune.checkpoint import save_delta, stored_form
 from deltatune.core import apply, summary, trainable_parameters
 from deltatune.data import (
     Data,
@@ -44,14 +43,14 @@ from deltatune.data import (
     subsample,
     with_transforms,
 )
-from deltatune.distributed import Runtime, all_reduce_sum, runtime
 from deltatune.errors import DeltaTuneError
-from deltatune.methods.prefix import stored_form
-from deltatune.phases import Phase, describe, enter_stage, plan, prune, restore
-from deltatune.pruning import adapter_sizes
-from deltatune.report import format_table, measure, plot_allocation
-from deltatune.train_config import TrainConfig
-from deltatune.train_state import prepare_output, resume_phase, resume_state, write_checkpoint, write_text
+from deltatune.protocols import ReportsExtras, hooks
+from deltatune.train.config import TrainConfig
+from deltatune.train.distributed import Runtime, all_reduce_sum, runtime
+from deltatune.train.phases import Phase, describe, enter_stage, plan, restore, train_state, transition
+from deltatune.train.report import format_table, measure
+from deltatune.train.state import prepare_output, resume_phase, resume_state, write_checkpoint, write_text
+from deltatune.train.steps import cosine_lr, epoch_line, evaluate, seed_all, to_device
 
 __all__ = ["TrainConfig", "build_model", "cosine_lr", "evaluate", "fit", "make_optimizer", "train"]
 CHECKPOINT = "checkpoint.safetensors"
@@ -90,15 +89,6 @@ def train(config: TrainConfig | dict[str, Any], data: Data | None = None) -> dic
             return _train(cfg, rt, data)
     finally:
         torch.set_num_threads(threads)
-
-
-def seed_all(seed: int) -> None:
-    """Seeds torch, numpy and Python's random."""
-    import random
-
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -188,36 +178,47 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay), lr=lr)
 
 
-def cosine_lr(step: int, total: int, warmup: int, lr: float, warmup_lr: float, min_lr: float) -> float:
-    """Learning rate at ``step``: linear warm-up from warmup_lr to lr over ``warmup`` steps, then cosine to min_lr."""
-    if step < warmup:
-        return warmup_lr + (lr - warmup_lr) * step / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    return inputs.to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy over the loader (all processes' shares together)."""
-    was_training = model.training
-    model.eval()
-    correct, loss, n = 0.0, 0.0, 0.0
-    for inputs, targets in loader:
-        inputs, targets = _to(inputs, rt.device), targets.to(rt.device)
+def _train_epoch(p: Parts, cfg: TrainConfig, rt: Runtime, epoch: int, total: int, step: int) -> tuple[float, int, int]:
+    """One epoch of optimizer steps; returns this process's loss sum, examples seen and the global step after it."""
+    out = Path(cfg.output_dir)
+    trainable = [q for q in p.model.parameters() if q.requires_grad]
+    loss_sum, seen = 0.0, 0
+    bar = tqdm(
+        p.train_loader,
+        desc=f"epoch {epoch + 1}/{total}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not (cfg.progress and rt.is_main),
+    )
+    for inputs, targets in bar:
+        inputs, targets = to_device(inputs, rt.device), targets.to(rt.device)
+        if p.mixup is not None:
+            inputs, targets = p.mixup(inputs, targets)
         with rt.autocast():
-            logits = forward(model, inputs).float()
-        correct += (logits.argmax(-1) == targets).sum().item()
-        loss += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        n += len(targets)
-    model.train(was_training)
-    correct, loss, n = all_reduce_sum(rt, [correct, loss, n])
-    return {"top1": 100.0 * correct / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
+            logits = forward(p.ddp, inputs)
+        loss = p.criterion(logits.float(), targets)
+        p.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            norm = nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        else:
+            norm = nn.utils.get_total_norm([q.grad for q in trainable if q.grad is not None])
+        value = loss.item()
+        if not (math.isfinite(value) and torch.isfinite(norm)):
+            kept = f"; the last good checkpoint ({out / CHECKPOINT}) is kept" if (out / CHECKPOINT).exists() else ""
+            raise DeltaTuneError(
+                f"training diverged at epoch {epoch + 1}, step {step + 1}: loss {value}, gradient "
+                f"norm {float(norm)}{kept}. Lower --lr, set --grad-clip, or check the data "
+                "for NaN/inf values"
+            )
+        p.optimizer.step()
+        p.scheduler.step()
+        step += 1
+        if p.ema is not None:
+            p.ema.update(p.model)
+        loss_sum, seen = loss_sum + value * len(targets), seen + len(targets)
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{p.optimizer.param_groups[0]['lr']:.2e}")
+    return loss_sum, seen, step
 
 
 def fit(
@@ -231,47 +232,12 @@ def fit(
     """
     history = list(history)
     out = Path(cfg.output_dir)
-    trainable = [q for q in p.model.parameters() if q.requires_grad]
     step = start_epoch * len(p.train_loader)
     for epoch in range(start_epoch, phase.end):
         p.train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
         p.ddp.train()
-        start, loss_sum, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(
-            p.train_loader,
-            desc=f"epoch {epoch + 1}/{total}",
-            leave=False,
-            dynamic_ncols=True,
-            disable=not (cfg.progress and rt.is_main),
-        )
-        for inputs, targets in bar:
-            inputs, targets = _to(inputs, rt.device), targets.to(rt.device)
-            if p.mixup is not None:
-                inputs, targets = p.mixup(inputs, targets)
-            with rt.autocast():
-                logits = forward(p.ddp, inputs)
-            loss = p.criterion(logits.float(), targets)
-            p.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                norm = nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            else:
-                norm = nn.utils.get_total_norm([q.grad for q in trainable if q.grad is not None])
-            value = loss.item()
-            if not (math.isfinite(value) and torch.isfinite(norm)):
-                kept = f"; the last good checkpoint ({out / CHECKPOINT}) is kept" if (out / CHECKPOINT).exists() else ""
-                raise DeltaTuneError(
-                    f"training diverged at epoch {epoch + 1}, step {step + 1}: loss {value}, gradient "
-                    f"norm {float(norm)}{kept}. Lower --lr, set --grad-clip, or check the data "
-                    "for NaN/inf values"
-                )
-            p.optimizer.step()
-            p.scheduler.step()
-            step += 1
-            if p.ema is not None:
-                p.ema.update(p.model)
-            loss_sum, seen = loss_sum + value * len(targets), seen + len(targets)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{p.optimizer.param_groups[0]['lr']:.2e}")
+        start = time.perf_counter()
+        loss_sum, seen, step = _train_epoch(p, cfg, rt, epoch, total, step)
         loss_sum, seen = all_reduce_sum(rt, [loss_sum, float(seen)])
         record: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -291,19 +257,10 @@ def fit(
             with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             if cfg.progress:
-                tqdm.write(_epoch_line(record, total))
+                tqdm.write(epoch_line(record, total))
         if cfg.checkpoint_every and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
             _checkpoint(p, cfg, rt, history, phase)
     return history
-
-
-def _epoch_line(r: dict[str, Any], epochs: int) -> str:
-    line = f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  lr {r['lr']:.2e}"
-    if "eval_top1" in r:
-        line += f"  top-1 {r['eval_top1']:.2f}%"
-    if "ema_top1" in r:
-        line += f"  ema top-1 {r['ema_top1']:.2f}%"
-    return line + f"  ({r['epoch_s']:.1f} s)"
 
 
 def _check_finite(p: Parts, what: str) -> None:
@@ -319,15 +276,10 @@ def _check_finite(p: Parts, what: str) -> None:
 
 
 def _checkpoint(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], phase: Phase) -> None:
-    """The resumable checkpoint after an epoch, with what rebuilds its structure (phase, adapter sizes)."""
+    """The resumable checkpoint after an epoch, with what rebuilds its structure (phase, the methods' own state)."""
     _check_finite(p, f"the weights of epoch {history[-1]['epoch']}")
-    info = {
-        "epoch": history[-1]["epoch"],
-        "phase": phase.index,
-        "adapter_sizes": adapter_sizes(p.model),
-        "history": history,
-        "config": cfg.to_dict(),
-    }
+    info = {"epoch": history[-1]["epoch"], "phase": phase.index, **train_state(p.model, cfg)}
+    info |= {"history": history, "config": cfg.to_dict()}
     write_checkpoint(Path(cfg.output_dir) / CHECKPOINT, *_state(p), info, rt)
 
 
@@ -337,22 +289,33 @@ def _state(p: Parts) -> tuple[nn.Module, Any, Any, nn.Module | None]:
 
 
 def _next_phase(p: Parts, cfg: TrainConfig, rt: Runtime, phase: Phase) -> None:
-    """The transition into ``phase``: prune the adapters (MiMi) or apply the next stage; then its optimizer etc."""
+    """The transition into ``phase``: the phased method's change (MiMi prunes) or the next stage; then its optimizer
+    etc."""
     if phase.prune is not None:
-        sizes = prune(p.model, p.ddp, cfg, phase, p.optimizer, lambda: _batches(p, cfg, rt), _loss(p, rt))
-        what = f"pruned to {sum(sizes.values()):,} adapter neurons ({sum(1 for v in sizes.values() if v)} adapters)"
+        context = Transition(p.optimizer, p.ddp, cfg.seed, lambda n: _batches(p, rt, n), _loss(p, rt))
+        what = transition(p.model, cfg, phase, context)
     else:
-        enter_stage(p.model, cfg, phase, rt.device)
-        what = f"stage {phase.stage + 1}: " + "+".join(c.name for c in cfg.stage_configs()[phase.stage])
+        what = enter_stage(p.model, cfg, phase, rt.device)
     _start_phase(p, cfg, rt, phase)
     if rt.is_main and cfg.progress:
         tqdm.write(f"phase {phase.index + 1}: {what}; {trainable_parameters(p.model):,} trainable parameters")
 
 
-def _batches(p: Parts, cfg: TrainConfig, rt: Runtime) -> Iterator[tuple[Any, Tensor]]:
-    """``cfg.prune_batches`` training batches on the device, mixed like in training (for pruning scores)."""
-    for inputs, targets in itertools.islice(p.train_loader, cfg.prune_batches):
-        inputs, targets = _to(inputs, rt.device), targets.to(rt.device)
+@dataclass
+class Transition:
+    """What a phased method gets between phases (``protocols.PhaseContext``)."""
+
+    optimizer: torch.optim.Optimizer
+    ddp: nn.Module
+    seed: int
+    batches: Callable[[int], Iterator[tuple[Any, Tensor]]]
+    loss: Callable[[nn.Module, Any, Tensor], Tensor]
+
+
+def _batches(p: Parts, rt: Runtime, n: int) -> Iterator[tuple[Any, Tensor]]:
+    """``n`` training batches on the device, mixed like in training (for a method's scores between phases)."""
+    for inputs, targets in itertools.islice(p.train_loader, n):
+        inputs, targets = to_device(inputs, rt.device), targets.to(rt.device)
         yield p.mixup(inputs, targets) if p.mixup is not None else (inputs, targets)
 
 
@@ -388,17 +351,16 @@ def _report(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], phases
 
 
 def _write_outputs(p: Parts, cfg: TrainConfig, rt: Runtime, report: dict, history: list[dict], wall: float) -> None:
-    """Rank 0: the delta files, adapter sizes and allocation plot, parameter counts, GFLOPs, images/s, report.json."""
+    """Rank 0: the delta files, the methods' extras (MiMi: adapter sizes, plot), parameter counts, GFLOPs,
+    images/s, report.json."""
     out, model = Path(cfg.output_dir), p.model
     report["delta_path"] = str(out / DELTA)
     report["delta_bytes"] = save_delta(stored_form(model), out / DELTA)
     if p.ema is not None:
         save_delta(stored_form(p.ema.module), out / "delta_ema.safetensors")
-    if sizes := adapter_sizes(model):  # removed adapters count too
-        report["adapter_sizes"] = sizes
-        report["adapter_sizes_original"] = adapter_sizes(model, original=True)
-        report["allocation_plot"] = str(plot_allocation(report, out / "allocation.png", cfg.model))
-    batch = _to(next(iter(p.eval_loader))[0], rt.device)
+    for config in hooks(cfg.method_configs(), ReportsExtras):
+        report.update(config.report_extras(model, out))
+    batch = to_device(next(iter(p.eval_loader))[0], rt.device)
     report.update(measure(model, batch, cfg.benchmark_seconds, rt.amp))
     report["wall_s"] = time.perf_counter() - wall
     report["history"] = history

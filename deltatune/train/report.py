@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from deltatune._plot import pyplot, save
 from deltatune.backbones import forward
 from deltatune.core import merge, state_of, trainable_parameters, unwrap
 
@@ -152,7 +153,7 @@ def format_table(
 
 def plot_accuracy_vs_params(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Saves a PNG of top-1 against trainable parameters (log x), one labelled point per method."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in rows:
         ax.scatter(r["trainable_params"], r["top1"], s=40)
@@ -163,46 +164,4 @@ def plot_accuracy_vs_params(rows: Sequence[dict[str, Any]], path: str | Path, ti
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "accuracy vs trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_allocation(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """Saves a PNG of the hidden neurons left in each adapter, by layer (MiMi's allocation figure): one bar per
-    adapter site in model order, coloured by site kind, over a pale bar of its size before pruning."""
-    plt = _pyplot()
-    sizes, original = report["adapter_sizes"], report["adapter_sizes_original"]
-    sites = list(sizes)
-    kinds = sorted({".".join(s.split(".")[-2:]) for s in sites})
-    colours = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(sites)), 4), dpi=120)
-    x = range(len(sites))
-    ax.bar(x, [original[s] for s in sites], color="0.88", label="before pruning")
-    for kind in kinds:
-        idx = [i for i, s in enumerate(sites) if s.endswith(kind)]
-        ax.bar(idx, [sizes[sites[i]] for i in idx], color=colours[kind], label=f"after: {kind}")
-    ax.set_xticks(list(x), [s.rsplit(".", 2)[0] for s in sites], rotation=90, fontsize=6)
-    ax.set_ylabel("hidden neurons")
-    kept, start = sum(sizes.values()), sum(original.values())
-    removed = sum(1 for v in sizes.values() if v == 0)
-    ax.set_title(f"{title} {kept:,}/{start:,} neurons kept, {removed} adapters removed".strip(), fontsize=9)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    _pyplot().close(fig)
-    return path
+    return save(fig, path)

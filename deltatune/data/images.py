@@ -1,5 +1,4 @@
-"""Datasets by name (torchvision, ImageFolder, VTAB-1k, FGVC, offline image and text tasks, text folders), timm
-transforms and loaders.
+"""Image datasets by name: torchvision, ImageFolder, VTAB-1k, FGVC, offline and synthetic tasks.
 
 Every mistake in the data (unknown name, missing split, empty class folder, unreadable image, malformed list
 file) raises a ``DeltaTuneError`` that names the file and the fix.
@@ -7,22 +6,23 @@ file) raises a ``DeltaTuneError`` that names the file and the fix.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision.transforms import v2
+from torch.utils.data import Dataset
 
-from deltatune.distributed import Runtime
+from deltatune.data.sources import Data, Request, add_source, fixed, num_classes, register_source
+from deltatune.data.text import TEXT_TASKS, offline_text
 from deltatune.errors import DeltaTuneError
+from deltatune.offline.tasks import TASKS, make_task
 
 # name: (torchvision class, classes, default train split, default eval split); None splits: a train=bool flag.
 TORCHVISION: dict[str, tuple[str, int, str | None, str | None]] = {
@@ -41,21 +41,10 @@ TORCHVISION: dict[str, tuple[str, int, str | None, str | None]] = {
     "gtsrb": ("GTSRB", 43, "train", "test"),
     "country211": ("Country211", 211, "train", "test"),
 }
+
+
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 FGVC_SPLITS = ("train", "val", "trainval", "test")
-MAX_CLASSES = 100_000  # more is a typo (ImageNet-21k has 21,841): a ViT-B head for 10M classes takes 30 GB
-OTHER_DATASETS = ("offline:TASK", "folder", "vtab[:TASK]", "fgvc[:NAME]", "text", "synthetic")
-
-
-@dataclass
-class Data:
-    """Train and eval sets of one task, and how to batch them."""
-
-    train: Dataset
-    eval: Dataset
-    num_classes: int
-    collate: Callable | None = None
-    is_text: bool = False
 
 
 class TensorImages(Dataset):
@@ -85,20 +74,6 @@ class ListImages(Dataset):
         return load_image(path), label
 
 
-class Transformed(Dataset):
-    """Applies a transform to the image of each ``(image, label)`` item."""
-
-    def __init__(self, dataset: Dataset, transform: Callable) -> None:
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        image, label = self.dataset[i]
-        return self.transform(image), label
-
-
 def load_image(path: str) -> Image.Image:
     """Opens an image as RGB; an unreadable file or a decompression bomb (more pixels than PIL's
     ``Image.MAX_IMAGE_PIXELS``: a small file that would fill the memory) raises a DeltaTuneError naming it."""
@@ -118,65 +93,9 @@ def load_image(path: str) -> Image.Image:
         ) from None
 
 
-def load_data(
-    name: str,
-    data_dir: str = "data",
-    train_split: str | None = None,
-    eval_split: str | None = None,
-    download: bool = True,
-    seed: int = 0,
-    image_size: int | None = None,
-    **text_options: Any,
-) -> Data:
-    """The raw (untransformed) train and eval sets of a dataset given by name; see ``TrainConfig.dataset``."""
-    key = name.lower()
-    if key in TORCHVISION:
-        return _torchvision(key, data_dir, train_split, eval_split, download)
-    kind, _, arg = key.partition(":")
-    given = name.partition(":")[2]  # folder names keep their case
-    if _is_offline_text_task(key):
-        return _offline_text(arg or key, seed, **text_options)
-    if kind == "offline" or _is_offline_task(key):
-        return _offline(arg or key, seed, image_size or 32)
-    if kind == "synthetic":
-        return _synthetic(seed, image_size or 32)
-    if kind in ("folder", "imagefolder"):
-        return _folder(Path(data_dir) / given if given else Path(data_dir), train_split, eval_split)
-    if kind == "vtab":
-        return _vtab(Path(data_dir) / given if given else Path(data_dir), train_split, eval_split)
-    if kind == "fgvc":
-        return _fgvc(Path(data_dir) / given if given else Path(data_dir), train_split, eval_split)
-    if kind == "text":
-        from deltatune.text_data import load_text
-
-        return load_text(Path(data_dir), train_split, eval_split, **text_options)
-    raise DeltaTuneError(
-        f"unknown dataset {name!r}; choose a torchvision name ({', '.join(TORCHVISION)}) or one "
-        f"of {', '.join(OTHER_DATASETS)}"
-    )
-
-
-def is_text_dataset(name: str) -> bool:
-    """Whether the dataset ``name`` is text (a text folder or an offline text task): it needs a text model."""
-    return name.lower() == "text" or _is_offline_text_task(name.lower())
-
-
-def _is_offline_task(name: str) -> bool:
-    try:
-        from deltatune.offline.tasks import TASKS
-    except ImportError:
-        return False
-    return name in TASKS
-
-
-def _is_offline_text_task(name: str) -> bool:
-    from deltatune.offline.text_tasks import TEXT_TASKS
-
-    kind, _, arg = name.partition(":")
-    return (arg if kind == "offline" else name) in TEXT_TASKS
-
-
-def _torchvision(key: str, root: str, train_split: str | None, eval_split: str | None, download: bool) -> Data:
+def _torchvision(key: str, arg: str, req: Request) -> Data:
+    """A torchvision dataset (downloaded into --data-dir unless --no-download)."""
+    root, train_split, eval_split, download = req.data_dir, req.train_split, req.eval_split, req.download
     cls_name, num_classes, default_train, default_eval = TORCHVISION[key]
     cls = getattr(torchvision.datasets, cls_name)
 
@@ -200,25 +119,25 @@ def _torchvision(key: str, root: str, train_split: str | None, eval_split: str |
     return Data(make(train_split, default_train, True), make(eval_split, default_eval, False), num_classes)
 
 
-def _offline(task: str, seed: int, image_size: int) -> Data:
-    from deltatune.offline.tasks import make_task
-
-    train, test, num_classes = make_task(task, seed=seed, image_size=image_size)
+@register_source("offline", "offline:TASK")
+def _offline(task: str, req: Request) -> Data:
+    """A bundled offline task: an image task, or a text one (see ``data.text``)."""
+    if task.lower() in TEXT_TASKS:
+        return offline_text(task, req)
+    train, test, num_classes = make_task(task.lower(), seed=req.seed, image_size=req.image_size or 32)
     return Data(train, test, num_classes)
 
 
-def _offline_text(task: str, seed: int, tokenizer: str | None = None, max_length: int = 128) -> Data:
-    from deltatune.offline.text_tasks import make_text_task
-    from deltatune.text_data import load_tokenizer, text_data
-
-    tok = load_tokenizer(tokenizer)
-    train, test, _ = make_text_task(task, seed)
-    return text_data(train, test, tok, max_length)
+for _task in TASKS:
+    add_source(_task, fixed(_offline, _task), shown="")
+for _name in TORCHVISION:
+    add_source(_name, functools.partial(_torchvision, _name))
 
 
-def _synthetic(seed: int, size: int, n_train: int = 256, n_eval: int = 128) -> Data:
+@register_source("synthetic")
+def _synthetic(arg: str, req: Request, n_train: int = 256, n_eval: int = 128) -> Data:
     """Noisy images tinted red, green, blue or yellow; the tint is the label (4 classes, learnable in a few steps)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen, size = torch.Generator().manual_seed(req.seed), req.image_size or 32
     tints = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
 
     def make(n: int) -> TensorImages:
@@ -227,6 +146,11 @@ def _synthetic(seed: int, size: int, n_train: int = 256, n_eval: int = 128) -> D
         return TensorImages(images, labels)
 
     return Data(make(n_train), make(n_eval), len(tints))
+
+
+def _root(arg: str, req: Request) -> Path:
+    """``--data-dir``, or the folder ARG inside it (as written: folder names keep their case)."""
+    return Path(req.data_dir) / arg if arg else Path(req.data_dir)
 
 
 def _split_dir(root: Path, split: str | None, defaults: tuple[str, ...]) -> Path:
@@ -239,7 +163,11 @@ def _split_dir(root: Path, split: str | None, defaults: tuple[str, ...]) -> Path
     )
 
 
-def _folder(root: Path, train_split: str | None, eval_split: str | None) -> Data:
+@register_source("folder")
+@register_source("imagefolder", "")
+def _folder(arg: str, req: Request) -> Data:
+    """An ImageFolder: ``--data-dir[/ARG]`` with train/ and val/ (or test/) class folders."""
+    root, train_split, eval_split = _root(arg, req), req.train_split, req.eval_split
     sets = []
     for folder in (_split_dir(root, train_split, ("train",)), _split_dir(root, eval_split, ("val", "test"))):
         try:
@@ -293,8 +221,11 @@ def _check_files(samples: list[tuple[str, int]], listed_in: Path) -> None:
         )
 
 
-def _vtab(root: Path, train_split: str | None, eval_split: str | None) -> Data:
-    return _listed("VTAB-1k", VTAB_SPLITS, (train_split or "train800val200", eval_split or "test"), root, _read_list)
+@register_source("vtab", "vtab[:TASK]")
+def _vtab(arg: str, req: Request) -> Data:
+    """A VTAB-1k task from its list files (the SSF/NOAH layout)."""
+    splits = (req.train_split or "train800val200", req.eval_split or "test")
+    return _listed("VTAB-1k", VTAB_SPLITS, splits, _root(arg, req), _read_list)
 
 
 def _read_json(root: Path, split: str) -> list[tuple[str, int]]:
@@ -320,8 +251,11 @@ def _read_json(root: Path, split: str) -> list[tuple[str, int]]:
     return samples
 
 
-def _fgvc(root: Path, train_split: str | None, eval_split: str | None) -> Data:
-    return _listed("FGVC", FGVC_SPLITS, (train_split or "trainval", eval_split or "test"), root, _read_json)
+@register_source("fgvc", "fgvc[:NAME]")
+def _fgvc(arg: str, req: Request) -> Data:
+    """An FGVC dataset from VPT's json split files."""
+    splits = (req.train_split or "trainval", req.eval_split or "test")
+    return _listed("FGVC", FGVC_SPLITS, splits, _root(arg, req), _read_json)
 
 
 def _listed(kind: str, known: tuple[str, ...], splits: tuple[str, str], root: Path, read: Callable) -> Data:
@@ -331,17 +265,6 @@ def _listed(kind: str, known: tuple[str, ...], splits: tuple[str, str], root: Pa
             raise DeltaTuneError(f"{kind} split {split!r} unknown; use one of {', '.join(known)}")
     train, test = (read(root, s) for s in splits)
     return Data(ListImages(train), ListImages(test), num_classes([y for _, y in train + test], f"{kind} {root}"))
-
-
-def num_classes(labels: list[int], where: str) -> int:
-    """1 + the largest label, after checking that labels are class ids: 0 <= label < MAX_CLASSES."""
-    bad = [y for y in labels if not 0 <= y < MAX_CLASSES]
-    if bad:
-        raise DeltaTuneError(
-            f"{where}: label {bad[0]} is not a class id; labels are integers 0 <= label < {MAX_CLASSES:,}"
-            " numbering the classes from 0: fix the split files"
-        )
-    return 1 + max(labels)
 
 
 def check_classes(data: Data, where: str) -> None:
@@ -363,110 +286,3 @@ def train_labels(dataset: Dataset) -> list[int] | None:
         return dataset.labels.tolist()
     targets = getattr(dataset, "targets", None) or getattr(dataset, "labels", None)
     return list(targets) if isinstance(targets, list) else None
-
-
-def subsample(dataset: Dataset, n: int | None, seed: int) -> Dataset:
-    """A seeded random subset of ``n`` items (the dataset itself when n is None or not smaller)."""
-    size = len(dataset)  # type: ignore[arg-type]
-    if n is None or n >= size:
-        return dataset
-    keep = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return Subset(dataset, keep.tolist())
-
-
-def make_transform(kind: str, training: bool, data_cfg: dict[str, Any], **timm_options: Any) -> Callable:
-    """Image preprocessing: timm's (with augmentation when training), a direct resize, or normalisation only.
-
-    Accepts PIL images and float tensors in [0, 1]; returns a normalised float tensor (3, H, W).
-    """
-    mean, std, size = data_cfg["mean"], data_cfg["std"], tuple(data_cfg["input_size"][-2:])
-    if kind == "timm":
-        import timm.data
-
-        tf = timm.data.create_transform(
-            input_size=data_cfg["input_size"],
-            is_training=training,
-            interpolation=data_cfg["interpolation"],
-            mean=mean,
-            std=std,
-            crop_pct=data_cfg.get("crop_pct"),
-            crop_mode=data_cfg.get("crop_mode"),
-            **(timm_options if training else {}),
-        )
-        _keep_posterize_zero_bits(tf)
-        # timm's ops (RandAugment, its Resize) want PIL images; PIL inputs pass through ToPILImage unchanged.
-        return v2.Compose([v2.ToPILImage(), tf])
-    ops: list[Callable] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    if kind == "resize":
-        ops.append(v2.Resize(size, interpolation=_interpolation(data_cfg["interpolation"]), antialias=True))
-    return v2.Compose([*ops, v2.Normalize(mean, std), v2.ToPureTensor()])
-
-
-def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """timm's posterize as it behaved with Pillow < 13: keeping 0 bits gives a black image (Pillow 13 refuses 0)."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return img.point([0] * 256 * len(img.getbands()))
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def _keep_posterize_zero_bits(transform: Any) -> None:
-    """Routes the posterize ops of timm's RandAugment / AutoAugment inside ``transform`` through ``posterize``.
-
-    ``rand-m9-mstd0.5`` draws magnitudes up to 10, where PosterizeIncreasing keeps 4 - 4 = 0 bits: Pillow 13 raises
-    on that (about one image in 700). Clamping the magnitude (``mmax``) would change every op's distribution;
-    this keeps the paper's augmentation exactly as timm applied it with older Pillow, for this transform only.
-    """
-    from timm.data.auto_augment import AugmentOp
-
-    for op in getattr(transform, "ops", None) or getattr(transform, "policy", None) or []:
-        for sub in op if isinstance(op, list | tuple) else [op]:
-            if isinstance(sub, AugmentOp) and sub.name.startswith("Posterize"):
-                sub.aug_fn = posterize
-    for inner in getattr(transform, "transforms", None) or []:
-        _keep_posterize_zero_bits(inner)
-
-
-def _interpolation(name: str) -> v2.InterpolationMode:
-    return {"bicubic": v2.InterpolationMode.BICUBIC, "nearest": v2.InterpolationMode.NEAREST}.get(
-        name, v2.InterpolationMode.BILINEAR
-    )
-
-
-def with_transforms(data: Data, train_tf: Callable, eval_tf: Callable) -> Data:
-    """``data`` with its images transformed (text data is returned as it is)."""
-    if data.is_text:
-        return data
-    return replace(data, train=Transformed(data.train, train_tf), eval=Transformed(data.eval, eval_tf))
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    rt: Runtime,
-    train: bool,
-    seed: int = 0,
-    num_workers: int = 0,
-    drop_last: bool = False,
-    collate: Callable | None = None,
-) -> DataLoader:
-    """A loader over this process's share of ``dataset``.
-
-    Training uses a DistributedSampler even in one process, so that N processes with batch B see exactly the
-    batches of one process with batch N x B. Evaluation takes every world_size-th item, unpadded.
-    """
-    if train:
-        sampler = DistributedSampler(dataset, rt.world_size, rt.rank, shuffle=True, seed=seed)
-    else:
-        dataset, sampler = Subset(dataset, range(rt.rank, len(dataset), rt.world_size)), None  # type: ignore[arg-type]
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        collate_fn=collate,
-        pin_memory=rt.device.type == "cuda",
-    )

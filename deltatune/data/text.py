@@ -1,4 +1,5 @@
-"""Text classification from a folder: ``train`` and ``test`` (or ``val``) files in CSV or JSONL, tokenised up front.
+"""Text datasets: bundled offline text tasks, and text classification from a folder: ``train`` and ``test``
+(or ``val``) files in CSV or JSONL, tokenised up front.
 
 Each row has a ``text`` column (and optionally ``text_pair``) and a ``label`` (integers, or names mapped to ids in
 sorted order). The tokenizer comes from a local path or name (``--tokenizer``, default the model's own).
@@ -15,7 +16,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from deltatune.backbones import hf_name, missing_hint
+from deltatune.data.sources import Data, Request, add_source, fixed, num_classes, register_source
 from deltatune.errors import DeltaTuneError
+from deltatune.offline.text_tasks import TEXT_TASKS, make_text_task
 
 
 class TokenizedText(Dataset):
@@ -60,14 +64,37 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+@register_source("text")
+def _text_folder(arg: str, req: Request) -> Data:
+    """A text-classification folder: ``--data-dir`` with train and test (or val) files."""
+    return load_text(Path(req.data_dir), req.train_split, req.eval_split, **req.text_options)
+
+
+def offline_text(task: str, req: Request) -> Data:
+    """A bundled offline text task, tokenised with the run's tokenizer."""
+    tok = load_tokenizer(req.text_options.get("tokenizer"))
+    train, test, _ = make_text_task(task.lower(), req.seed)
+    return text_data(train, test, tok, req.text_options.get("max_length", 128))
+
+
+for _task in TEXT_TASKS:
+    add_source(_task, fixed(offline_text, _task), shown="")
+
+
+def is_text_dataset(name: str) -> bool:
+    """Whether the dataset ``name`` is text (a text folder or an offline text task): it needs a text model."""
+    kind, _, arg = name.lower().partition(":")
+    return name.lower() == "text" or (arg if kind == "offline" else kind) in TEXT_TASKS
+
+
 def load_text(
     root: Path,
     train_split: str | None = None,
     eval_split: str | None = None,
     tokenizer: str | None = None,
     max_length: int = 128,
-) -> Any:
-    """Reads, label-maps and tokenises a text-classification folder; returns a ``deltatune.data.Data``."""
+) -> Data:
+    """Reads, label-maps and tokenises a text-classification folder."""
     tok = load_tokenizer(tokenizer)
     train_rows = read_rows(_find(root, (train_split,) if train_split else ("train",)))
     eval_rows = read_rows(_find(root, (eval_split,) if eval_split else ("test", "val", "validation")))
@@ -76,12 +103,9 @@ def load_text(
 
 def text_data(
     train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]], tok: Any, max_length: int = 128
-) -> Any:
-    """Label-maps rows of ``text`` (optionally ``text_pair``) and ``label`` and tokenises them with ``tok``; returns
-    a ``deltatune.data.Data``."""
-    from transformers import DataCollatorWithPadding
-
-    from deltatune.data import Data, num_classes
+) -> Data:
+    """Label-maps rows of ``text`` (optionally ``text_pair``) and ``label`` and tokenises them with ``tok``."""
+    from transformers import DataCollatorWithPadding  # optional dependency: the text extra
 
     raw = [r["label"] for r in train_rows + eval_rows]
     if all(isinstance(v, int) or str(v).lstrip("-").isdigit() for v in raw):  # negative ones are refused below
@@ -108,8 +132,6 @@ def text_data(
 def load_tokenizer(name: str | None) -> Any:
     """The transformers tokenizer at a local path or hub name, ``hf:`` optional (all-MiniLM-L6-v2: the minilm
     extra's copy)."""
-    from deltatune.backbones import hf_name, missing_hint
-
     if name is None:
         raise DeltaTuneError("text data needs a tokenizer: pass --tokenizer PATH (or use an hf: model)")
     try:

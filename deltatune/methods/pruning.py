@@ -12,11 +12,13 @@ import dataclasses
 import math
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from deltatune._plot import pyplot, save
 from deltatune.core import delta_modules, state_of
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adapter import Adapter
@@ -235,3 +237,26 @@ def _slice(value: Any, param: Tensor, dim: int | None, keep: Tensor) -> Any:
     if dim is None or not isinstance(value, Tensor) or value.shape != param.shape:
         return value  # not per neuron, or a scalar such as Adam's step
     return value.index_select(dim, keep.to(value.device)).clone()
+
+
+def plot_allocation(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Saves a PNG of the hidden neurons left in each adapter, by layer (MiMi's allocation figure): one bar per
+    adapter site in model order, coloured by site kind, over a pale bar of its size before pruning."""
+    plt = pyplot()
+    sizes, original = report["adapter_sizes"], report["adapter_sizes_original"]
+    sites = list(sizes)
+    kinds = sorted({".".join(s.split(".")[-2:]) for s in sites})
+    colours = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(sites)), 4), dpi=120)
+    x = range(len(sites))
+    ax.bar(x, [original[s] for s in sites], color="0.88", label="before pruning")
+    for kind in kinds:
+        idx = [i for i, s in enumerate(sites) if s.endswith(kind)]
+        ax.bar(idx, [sizes[sites[i]] for i in idx], color=colours[kind], label=f"after: {kind}")
+    ax.set_xticks(list(x), [s.rsplit(".", 2)[0] for s in sites], rotation=90, fontsize=6)
+    ax.set_ylabel("hidden neurons")
+    kept, start = sum(sizes.values()), sum(original.values())
+    removed = sum(1 for v in sizes.values() if v == 0)
+    ax.set_title(f"{title} {kept:,}/{start:,} neurons kept, {removed} adapters removed".strip(), fontsize=9)
+    ax.legend(fontsize=7)
+    return save(fig, path)

@@ -8,6 +8,7 @@ On shared machines step times drift, so ``round_robin`` steps every configuratio
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -112,3 +113,8 @@ def cuda_peak(step: Callable[[], None], device: torch.device) -> int:
     step()
     sync(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of time / reference time in the same round: less swayed by drift across rounds."""
+    return statistics.median(t / ref for t, ref in zip(times, reference, strict=True))

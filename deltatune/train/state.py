@@ -24,10 +24,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from deltatune.core import delta_state_dict
-from deltatune.distributed import Runtime
 from deltatune.errors import DeltaTuneError
-from deltatune.phases import Phase
-from deltatune.train_config import RESUME_MAY_CHANGE, TrainConfig
+from deltatune.train.config import RESUME_MAY_CHANGE, TrainConfig
+from deltatune.train.distributed import Runtime
+from deltatune.train.phases import Phase
 
 FORMAT = "deltatune-train-state"
 
@@ -288,11 +288,11 @@ def write_checkpoint(
         dist.barrier()
 
 
-INFO_KEYS = {"epoch": int, "phase": int, "history": list, "config": dict, "adapter_sizes": dict}
+INFO_KEYS = {"epoch": int, "phase": int, "history": list, "config": dict}
 
 
 def saved_info(path: Path, resume: bool, announce: bool) -> dict[str, Any] | None:
-    """The info (epoch, phase, adapter sizes, history, config) of the checkpoint to resume from, its whole file
+    """The info (epoch, phase, the methods' state, history, config) of the checkpoint to resume from, its whole file
     checked; None without --resume or without a checkpoint yet (``announce``: say so)."""
     if not resume or not (path.exists() or path.is_symlink()):
         if resume and announce:

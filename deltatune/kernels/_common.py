@@ -1,0 +1,76 @@
+"""Helpers shared by the fused fast paths: which layers qualify, and the switches, per thread (context variables).
+
+``disabled()`` switches the fast paths off inside a block, so the wrappers' plain formulas serve as the reference
+in tests and benchmarks; ``recompute_inputs`` chooses whether LoRA recomputes its input in backward. Both are
+context variables: a block in one thread never changes what another thread runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+from torch import Tensor, nn
+
+# Context variables: each thread (and asyncio task) sees its own setting, so switching in one never affects another.
+_ENABLED: ContextVar[bool] = ContextVar("deltatune_fast_paths", default=True)
+_RECOMPUTE: ContextVar[bool | None] = ContextVar("deltatune_lora_recompute", default=None)  # None: on CUDA only
+
+
+def is_enabled() -> bool:
+    """Whether the wrappers route through the fast paths (True by default)."""
+    return _ENABLED.get()
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Runs the wrappers' plain formulas inside the block: the reference the fast paths are checked against."""
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+@contextmanager
+def recompute_inputs(enabled: bool | None) -> Iterator[None]:
+    """Inside the block LoRA recomputes x from its LayerNorm/GELU producer's kept tensors (True), keeps x (False),
+    or recomputes on CUDA only (None, the default); in this thread only."""
+    token = _RECOMPUTE.set(enabled)
+    try:
+        yield
+    finally:
+        _RECOMPUTE.reset(token)
+
+
+def wants_recompute(x: Tensor) -> bool:
+    """Whether LoRA's fast path recomputes its input ``x`` in backward instead of keeping it."""
+    setting = _RECOMPUTE.get()
+    return x.is_cuda if setting is None else setting
+
+
+def plain_linear(layer: nn.Module) -> bool:
+    """A Linear whose forward is ``F.linear(x, weight, bias)``, with a frozen weight (its gradient would need x)."""
+    return type(layer).forward is nn.Linear.forward and isinstance(layer, nn.Linear) and not layer.weight.requires_grad
+
+
+def plain_layer_norm(layer: nn.Module) -> bool:
+    """A LayerNorm over the last dim whose forward is ``F.layer_norm`` (torch's, or timm's without fast-norm)."""
+    if not isinstance(layer, nn.LayerNorm) or len(layer.normalized_shape) != 1:
+        return False
+    cls = type(layer)
+    if cls.forward is nn.LayerNorm.forward:
+        return True
+    return cls.__module__ == "timm.layers.norm" and cls.__name__ == "LayerNorm" and not layer._fast_norm
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will want gradients through these tensors (else the inference formula serves)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def rows(t: Tensor) -> Tensor:
+    """(..., C) -> (N, C) without a copy when possible."""
+    return t.reshape(-1, t.shape[-1])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,12 @@ CHECKS = ("values", "shapes")
 MAX_STAGES = 64
 
 
-def save_delta(model: nn.Module, path: str | os.PathLike) -> int:
+def save_delta(model: nn.Module, path: str | os.PathLike, classes: Sequence[str] | None = None) -> int:
     """Writes the model's deltas and head to ``path`` atomically; returns the file's size in bytes.
 
     Prefix tuning's reparameterising MLP is stored folded (the per-layer prefixes it computes; outputs identical).
-    Saving the same model twice gives the same bytes.
+    Saving the same model twice gives the same bytes. ``classes`` (optional) names the head's outputs in order;
+    ``deltatune.predict`` answers with them (``read_metadata(path)["classes"]``).
     """
     from deltatune import __version__
     from deltatune.methods.prefix import stored_form
@@ -78,7 +79,16 @@ def save_delta(model: nn.Module, path: str | os.PathLike) -> int:
         "pretrained": pretrained_tag(model),
         "bn_stats": state.bn_stats,
     }
+    if classes is not None:
+        metadata["classes"] = _dumps(_check_classes(classes))
     return fmt.write(Path(path), tensors, metadata)
+
+
+def _check_classes(classes: Sequence[str]) -> list[str]:
+    """Class names as stored: a list of text, one per head output."""
+    if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
+        raise DeltaTuneError(f"save_delta: classes must be a list of names (text), got {str(classes)[:80]!r}")
+    return list(classes)
 
 
 def _dumps(value: Any) -> str:
@@ -112,7 +122,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a delta file (integrity checked), with ``stages`` decoded; raises DeltaTuneError otherwise."""
     path = Path(path)
     meta, _ = fmt.read(path)
-    return {**meta, "stages": _stages(meta, path), "backbone_shapes": fmt.decode(meta, "backbone_shapes", path)}
+    out = {**meta, "stages": _stages(meta, path), "backbone_shapes": fmt.decode(meta, "backbone_shapes", path)}
+    if "classes" in meta:
+        out["classes"] = fmt.decode(meta, "classes", path)
+    return out
 
 
 def _stages(meta: dict[str, str], path: Path) -> list[dict[str, Any]]:

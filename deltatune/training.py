@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from deltatune.backbones import create_backbone, data_config, forward, hf_name, is_text_model
 from deltatune.checkpoint import save_delta
+from deltatune.class_names import class_names
 from deltatune.core import apply, summary, trainable_parameters
 from deltatune.data import (
     Data,
@@ -50,6 +51,8 @@ from deltatune.methods.prefix import stored_form
 from deltatune.phases import Phase, describe, enter_stage, plan, prune, restore
 from deltatune.pruning import adapter_sizes
 from deltatune.report import format_table, measure, plot_allocation
+from deltatune.run_dir import resolve_output_dir, result_line
+from deltatune.tracking import Tracker
 from deltatune.train_config import TrainConfig
 from deltatune.train_state import prepare_output, resume_phase, resume_state, write_checkpoint, write_text
 
@@ -72,6 +75,8 @@ class Parts:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
     ema: ModelEmaV3 | None = None
+    tracker: Tracker | None = None
+    classes: list[str] | None = None
 
 
 def train(config: TrainConfig | dict[str, Any], data: Data | None = None) -> dict[str, Any]:
@@ -87,7 +92,7 @@ def train(config: TrainConfig | dict[str, Any], data: Data | None = None) -> dic
         torch.set_num_threads(cfg.threads)
     try:
         with runtime(cfg.device, cfg.amp) as rt:
-            return _train(cfg, rt, data)
+            return _train(resolve_output_dir(cfg, rt, OUTPUTS), rt, data)
     finally:
         torch.set_num_threads(threads)
 
@@ -268,6 +273,7 @@ def fit(
             p.optimizer.step()
             p.scheduler.step()
             step += 1
+            p.tracker.step(step, value, p.optimizer.param_groups[0]["lr"])
             if p.ema is not None:
                 p.ema.update(p.model)
             loss_sum, seen = loss_sum + value * len(targets), seen + len(targets)
@@ -290,6 +296,7 @@ def fit(
         if rt.is_main:
             with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            p.tracker.epoch(record)
             if cfg.progress:
                 tqdm.write(_epoch_line(record, total))
         if cfg.checkpoint_every and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
@@ -391,12 +398,13 @@ def _write_outputs(p: Parts, cfg: TrainConfig, rt: Runtime, report: dict, histor
     """Rank 0: the delta files, adapter sizes and allocation plot, parameter counts, GFLOPs, images/s, report.json."""
     out, model = Path(cfg.output_dir), p.model
     report["delta_path"] = str(out / DELTA)
-    report["delta_bytes"] = save_delta(stored_form(model), out / DELTA)
+    report["delta_bytes"] = save_delta(stored_form(model), out / DELTA, classes=p.classes)
     if p.ema is not None:
-        save_delta(stored_form(p.ema.module), out / "delta_ema.safetensors")
+        save_delta(stored_form(p.ema.module), out / "delta_ema.safetensors", classes=p.classes)
     if sizes := adapter_sizes(model):  # removed adapters count too
         report["adapter_sizes"] = sizes
         report["adapter_sizes_original"] = adapter_sizes(model, original=True)
+    if sizes and sizes != report["adapter_sizes_original"]:  # unpruned: every bar equal, nothing to show
         report["allocation_plot"] = str(plot_allocation(report, out / "allocation.png", cfg.model))
     batch = _to(next(iter(p.eval_loader))[0], rt.device)
     report.update(measure(model, batch, cfg.benchmark_seconds, rt.amp))
@@ -405,6 +413,7 @@ def _write_outputs(p: Parts, cfg: TrainConfig, rt: Runtime, report: dict, histor
     write_text(out / "report.json", json.dumps(report, indent=2))
     if cfg.progress:
         print(format_table([report]))
+    print(result_line(report, out))
 
 
 def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
@@ -420,6 +429,7 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     if saved:
         restore(model, cfg, current, saved)
     p = _parts(cfg, rt, data, model, current)
+    p.tracker, p.classes = Tracker.for_run(cfg, rt.is_main), class_names(data, cfg.dataset)
     seed_all(cfg.seed + 1000 * rt.rank)  # augmentation and dropout differ between processes
     start_epoch, history = (saved["epoch"], saved["history"]) if saved else (0, [])
     if saved:
@@ -440,6 +450,7 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
         if max(start_epoch, phase.start) < phase.end:
             history = fit(p, cfg, rt, phase, max(start_epoch, phase.start), total, history)
     _check_finite(p, "the final weights")
+    p.tracker.close()
     report = _report(p, cfg, rt, history, phases)
     if rt.is_main:
         _write_outputs(p, cfg, rt, report, history, wall)

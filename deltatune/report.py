@@ -150,8 +150,11 @@ def format_table(
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
-def plot_accuracy_vs_params(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Saves a PNG of top-1 against trainable parameters (log x), one labelled point per method."""
+def plot_accuracy_vs_params(
+    rows: Sequence[dict[str, Any]], path: str | Path, title: str = "", tb_dir: str | Path | None = None
+) -> Path:
+    """Saves a PNG of top-1 against trainable parameters (log x), one labelled point per method (and, given
+    ``tb_dir``, logs the figure to TensorBoard in ``tb_dir/tb``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in rows:
@@ -163,6 +166,10 @@ def plot_accuracy_vs_params(rows: Sequence[dict[str, Any]], path: str | Path, ti
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "accuracy vs trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
+    if tb_dir is not None:
+        from deltatune.tracking import log_figure
+
+        log_figure(tb_dir, "accuracy_vs_params", fig)
     return _save(fig, path)
 
 
@@ -185,7 +192,7 @@ def plot_allocation(report: dict[str, Any], path: str | Path, title: str = "") -
     kept, start = sum(sizes.values()), sum(original.values())
     removed = sum(1 for v in sizes.values() if v == 0)
     ax.set_title(f"{title} {kept:,}/{start:,} neurons kept, {removed} adapters removed".strip(), fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     return _save(fig, path)
 
 

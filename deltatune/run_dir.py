@@ -41,7 +41,8 @@ def resolve_output_dir(cfg: Any, rt: Runtime, outputs: list[str]) -> Any:
             dist.broadcast_object_list(chosen, src=0)
         cfg = dataclasses.replace(cfg, output_dir=chosen[0])
     out = Path(cfg.output_dir)
-    if out.is_dir() and any(out.iterdir()) and not cfg.resume:
+    used = out.is_dir() and any(not (f.name.startswith(".") and f.name.endswith(".tmp")) for f in out.iterdir())
+    if used and not cfg.resume:  # a killed write's temporaries alone do not make a run
         if not cfg.overwrite:
             raise DeltaTuneError(
                 f"output_dir {str(out)!r} is not empty (a previous run?): pass --resume to continue it, --overwrite"

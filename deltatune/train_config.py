@@ -23,7 +23,7 @@ import yaml
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import make_config
 
-TRANSFORMS = ("timm", "resize", "none")
+TRANSFORMS = ("timm", "resize", "none", "auto")
 
 
 @dataclass
@@ -95,12 +95,12 @@ class TrainConfig:
     """Text: truncate sequences to this many tokens."""
 
     # Augmentation and regularisation
-    train_transform: str | None = None
+    train_transform: str = "auto"
     """Training preprocessing: timm (random resized crop, flip, RandAugment, erasing), resize (direct resize, no
-    augmentation: the VTAB-1k protocol) or none (normalise only); default: resize for offline: tasks (no
+    augmentation: the VTAB-1k protocol), none (normalise only) or auto: resize for offline: tasks (no
     augmentation, as in the demo: a flipped digit is another digit), timm otherwise."""
-    eval_transform: str | None = None
-    """Evaluation preprocessing: timm (resize and centre crop), resize (direct resize) or none; default: resize for
+    eval_transform: str = "auto"
+    """Evaluation preprocessing: timm (resize and centre crop), resize (direct resize), none or auto: resize for
     offline: tasks, timm otherwise."""
     hflip: float = 0.5
     """Horizontal flip probability (timm training transform)."""
@@ -177,7 +177,7 @@ class TrainConfig:
         if self.stages:
             self.stages = [m.strip() for s in self.stages for m in s.split(",") if m.strip()]
         for name in ("train_transform", "eval_transform"):
-            if getattr(self, name) is None:  # offline tasks are made at the offline ViT's size; digits must not flip
+            if getattr(self, name) == "auto":  # offline tasks are made at the offline ViT's size; digits must not flip
                 setattr(self, name, "resize" if self.dataset.startswith("offline:") else "timm")
             if getattr(self, name) not in TRANSFORMS:
                 raise DeltaTuneError(f"{name} must be one of {', '.join(TRANSFORMS)}, got {getattr(self, name)!r}")

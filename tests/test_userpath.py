@@ -55,6 +55,7 @@ def test_offline_tasks_default_to_no_augmentation() -> None:
     offline, other = TrainConfig(dataset="offline:digits"), TrainConfig(dataset="cifar100")
     assert (offline.train_transform, offline.eval_transform) == ("resize", "resize")
     assert (other.train_transform, other.eval_transform) == ("timm", "timm")
+    assert TrainConfig(dataset="offline:digits", train_transform="none").train_transform == "none"  # not auto
     from deltatune.backbones import create_backbone, data_config
     from deltatune.data import make_transform
 

@@ -106,14 +106,16 @@ def _from_delta(
         if not name:
             raise DeltaTuneError(f"predict: {str(delta)!r} does not name its backbone; pass the backbone's name")
     classes = list(classes or meta.get("classes") or [])
-    model = create_backbone(
-        name,
-        len(classes) or _head_size(delta, meta),
-        run.get("pretrained", True),
-        run.get("checkpoint"),
-        run.get("img_size"),
-        **(run.get("model_kwargs") or {}),
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.get("seed", 0))  # a random-init backbone is rebuilt as training built it
+        model = create_backbone(
+            name,
+            len(classes) or _head_size(delta, meta),
+            run.get("pretrained", True),
+            run.get("checkpoint"),
+            run.get("img_size"),
+            **(run.get("model_kwargs") or {}),
+        )
     load_delta(model, delta)
     return Predictor(
         model.eval(),

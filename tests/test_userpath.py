@@ -144,6 +144,7 @@ def folder_run(tmp_path_factory) -> tuple[Path, Path]:
 
 def _reference_logits(run: Path, files: list[Path]) -> torch.Tensor:
     """The tuned model called directly on hand-normalised pixels (the offline ViT's mean/std are timm's 0.5)."""
+    torch.manual_seed(0)  # the run's random-init backbone: training seeds (seed 0) and then builds it
     model = deltatune.create_backbone("test_vit", 3, pretrained=False, patch_size=8, img_size=32)
     deltatune.load_delta(model, run / "delta.safetensors")
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.pretrained_cfg["mean"], model.pretrained_cfg["std"]))

@@ -5,6 +5,8 @@ deltatune.apply(model, "ssf")          # freeze the backbone, add SSF, keep the 
 ...train...
 deltatune.save_delta(model, "ssf.safetensors")
 deltatune.merge(model)                 # fold the deltas into the weights: zero inference cost
+deltatune.predict("runs/ssf-...", "photos/", top_k=5)   # a run folder (or backbone + delta file) on images
+backbone = deltatune.create_backbone("deltatune_offline_vit", num_classes=10)   # bundled ViT, no download
 """
 
 import os
@@ -16,6 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.1.0"
 
 from deltatune import methods as _methods  # noqa: F401  (registers every method)
+from deltatune.backbones import create_backbone
 from deltatune.checkpoint import load_delta, read_metadata, save_delta
 from deltatune.core import apply, delta_state_dict, merge, summary, trainable_parameters
 from deltatune.errors import DeltaTuneError
@@ -34,6 +37,8 @@ from deltatune.methods.pruning import prune_adapters
 from deltatune.methods.selection import BitFitConfig, FullConfig, LinearConfig
 from deltatune.methods.ssf import SSFConfig
 from deltatune.methods.vpt import VPTDeepConfig, VPTShallowConfig
+from deltatune.offline import backbone as _offline_backbone  # noqa: F401  (timm.create_model("deltatune_offline_vit"))
+from deltatune.predict import Prediction, predict
 from deltatune.registry import methods
 
 __all__ = [
@@ -53,17 +58,20 @@ __all__ = [
     "MLPOnlyConfig",
     "MiMiConfig",
     "PHMAdapterConfig",
+    "Prediction",
     "PrefixConfig",
     "PromptConfig",
     "SSFConfig",
     "VPTDeepConfig",
     "VPTShallowConfig",
     "apply",
+    "create_backbone",
     "delta_state_dict",
     "load_delta",
     "load_peft",
     "merge",
     "methods",
+    "predict",
     "prune_adapters",
     "read_metadata",
     "save_delta",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,13 @@ def stored_form(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_delta(model: nn.Module, path: str | os.PathLike) -> int:
+def save_delta(model: nn.Module, path: str | os.PathLike, classes: Sequence[str] | None = None) -> int:
     """Writes the model's deltas and head to ``path`` atomically; returns the file's size in bytes.
 
     A method may store another form (``protocols.StoredForm``): prefix tuning's reparameterising MLP is stored
-    folded (the per-layer prefixes it computes; outputs identical).
-    Saving the same model twice gives the same bytes.
+    folded (the per-layer prefixes it computes; outputs identical). Saving the same model twice gives the same
+    bytes. ``classes`` (optional) names the head's outputs in order; ``deltatune.predict`` answers with them
+    (``read_metadata(path)["classes"]``).
     """
     model = uncompiled(model)
     state = _require_state(model, "save_delta")
@@ -86,7 +87,16 @@ def save_delta(model: nn.Module, path: str | os.PathLike) -> int:
         "pretrained": pretrained_tag(model),
         "bn_stats": state.bn_stats,
     }
+    if classes is not None:
+        metadata["classes"] = _dumps(_check_classes(classes))
     return fmt.write(Path(path), tensors, metadata)
+
+
+def _check_classes(classes: Sequence[str]) -> list[str]:
+    """Class names as stored: a list of text, one per head output."""
+    if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
+        raise DeltaTuneError(f"save_delta: classes must be a list of names (text), got {str(classes)[:80]!r}")
+    return list(classes)
 
 
 def _dumps(value: Any) -> str:
@@ -120,7 +130,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a delta file (integrity checked), with ``stages`` decoded; raises DeltaTuneError otherwise."""
     path = Path(path)
     meta, _ = fmt.read(path)
-    return {**meta, "stages": _stages(meta, path), "backbone_shapes": fmt.decode(meta, "backbone_shapes", path)}
+    out = {**meta, "stages": _stages(meta, path), "backbone_shapes": fmt.decode(meta, "backbone_shapes", path)}
+    if "classes" in meta:
+        out["classes"] = fmt.decode(meta, "classes", path)
+    return out
 
 
 def _stages(meta: dict[str, str], path: Path) -> list[dict[str, Any]]:

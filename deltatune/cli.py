@@ -3,6 +3,7 @@
     deltatune demo                                        # every method on the bundled offline ViT, in minutes
     deltatune train --config recipes/ssf_cifar100.yaml    # a recipe; any option can be overridden:
     deltatune train --config recipes/ssf_cifar100.yaml --lr 5e-4 --epochs 10
+    deltatune predict runs/ssf-20250101-120000 photos/ --top-k 3   # a run folder (or a delta file) on images
     torchrun --nproc_per_node 4 -m deltatune.cli train --config recipes/ssf_cifar100.yaml   # DDP
 
 Every ``train`` option is a ``TrainConfig`` field; its help text is the field's docstring.
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deltatune.bench.cli import add_parser as add_bench
 
     add_bench(sub)  # deltatune bench: step time, memory and merged inference vs full FT and the floor
+    from deltatune.predict import add_parser as add_predict
+
+    add_predict(sub)  # deltatune predict: top-k class names for images or texts with a trained delta
     return parser
 
 

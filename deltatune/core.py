@@ -324,14 +324,15 @@ def unwrap(model: nn.Module) -> None:
 
 
 def summary(model: nn.Module) -> str:
-    """A table of each applied method: stage, sites, parameters, % of the backbone and whether it merges."""
+    """A table of each applied method: stage (from 1, as the CLI counts), sites, parameters, % of the backbone and
+    whether it merges."""
     model = uncompiled(model)
     state = _require_state(model, "summary")
     rows = [("method", "stage", "sites", "parameters", "% of backbone", "mergeable")]
     for e in state.entries:
         n = sum(p.numel() for p in entry_parameters(model, e))
         merge_word = "merged" if state.merged else ("yes" if e.config.mergeable else "no")
-        rows.append((e.config.name, str(e.stage), str(len(e.sites)), f"{n:,}", _pct(n, state), merge_word))
+        rows.append((e.config.name, str(e.stage + 1), str(len(e.sites)), f"{n:,}", _pct(n, state), merge_word))
     if _head_trained(state):
         n = sum(p.numel() for p in model.get_submodule(state.head).parameters())
         rows.append((f"head ({state.head})", "-", "1", f"{n:,}", _pct(n, state), "-"))

@@ -81,6 +81,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument(
+        "--tensorboard", action="store_true", help="log every run to <out>/<method>/tb and the plot to <results>/tb"
+    )
 
 
 def _config(method: str, task: str, out: Path, **overrides: Any) -> TrainConfig:
@@ -99,6 +102,7 @@ def _config(method: str, task: str, out: Path, **overrides: Any) -> TrainConfig:
         "progress": False,
         "benchmark_seconds": 0,  # inference is timed once for all methods, interleaved (inference_ratios)
         "output_dir": str(out / method),
+        "overwrite": True,  # the demo's own folders: a rerun replaces them
         **RECIPES.get(method, {k: v for k, v in RECIPES["ssf"].items() if k != "method_options"}),
     }
     fields.update({k: v for k, v in overrides.items() if v is not None})
@@ -223,6 +227,7 @@ def run_demo(
     inference_rounds: int = 20,
     threads: int | None = None,
     device: str = "auto",
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Runs the demo and returns ``{"rows": [...], "merge_checks": {...}, "inference": {...}, "wall_s": ...}``."""
     start = time.perf_counter()
@@ -233,6 +238,7 @@ def run_demo(
         torch.set_num_threads(threads)
     print(f"deltatune demo: {len(names)} methods on {MODEL} (offline), task {task!r}; writing to {out_dir}/")
     overrides = {"epochs": epochs, "seed": seed, "batch_size": batch_size, "threads": threads, "device": device}
+    overrides["tensorboard"] = tensorboard
     overrides |= {"max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
     rows = _train_all(names, task, out_dir, **overrides)
     deltas = {r["method"]: r["delta_path"] for r in rows}
@@ -257,7 +263,8 @@ def run_demo(
         "wall_s": wall,
     }
     _write_results(res_dir, result, format_table(rows, DEMO_COLUMNS, markdown=True), lines)
-    plot_accuracy_vs_params(rows, res_dir / "accuracy_vs_params.png", f"{MODEL} on {task}: top-1 vs trainable params")
+    title = f"{MODEL} on {task}: top-1 vs trainable params"
+    plot_accuracy_vs_params(rows, res_dir / "accuracy_vs_params.png", title, tb_dir=res_dir if tensorboard else None)
     return result
 
 

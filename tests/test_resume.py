@@ -247,7 +247,7 @@ def test_leftovers_cleaned_permissions_follow_the_umask_and_symlinks_are_replace
     (out / "config.yaml").symlink_to(outside)
     old = os.umask(0o027)
     try:
-        train(tiny_config(out, epochs=1, max_train_samples=32, threads=1))
+        train(tiny_config(out, epochs=1, max_train_samples=32, threads=1, resume=True))  # a used folder: resume
     finally:
         os.umask(old)
     assert not leftover.exists() and outside.read_text() == "keep me\n"

@@ -126,7 +126,10 @@ def text_data(
         return dict(inputs), torch.tensor([y for _, y in batch])
 
     classes = num_classes(list(ids.values()), "text labels")
-    return Data(encode(train_rows), encode(eval_rows), classes, collate=collate, is_text=True)
+    train = encode(train_rows)
+    names = {i: str(v) for v, i in ids.items()}
+    train.classes = [names.get(i, str(i)) for i in range(classes)]  # recorded in the delta file
+    return Data(train, encode(eval_rows), classes, collate=collate, is_text=True)
 
 
 def load_tokenizer(name: str | None) -> Any:

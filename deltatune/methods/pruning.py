@@ -258,5 +258,5 @@ def plot_allocation(report: dict[str, Any], path: str | Path, title: str = "") -
     kept, start = sum(sizes.values()), sum(original.values())
     removed = sum(1 for v in sizes.values() if v == 0)
     ax.set_title(f"{title} {kept:,}/{start:,} neurons kept, {removed} adapters removed".strip(), fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     return save(fig, path)

@@ -25,7 +25,7 @@ from deltatune.train.options import (
     source_docs,
 )
 
-TRANSFORMS = ("timm", "resize", "none")
+TRANSFORMS = ("timm", "resize", "none", "auto")
 
 
 @dataclass
@@ -85,11 +85,13 @@ class _TrainConfig:
     """Text: truncate sequences to this many tokens."""
 
     # Augmentation and regularisation
-    train_transform: str = "timm"
+    train_transform: str = "auto"
     """Training preprocessing: timm (random resized crop, flip, RandAugment, erasing), resize (direct resize, no
-    augmentation: the VTAB-1k protocol) or none (normalise only)."""
-    eval_transform: str = "timm"
-    """Evaluation preprocessing: timm (resize and centre crop), resize (direct resize) or none."""
+    augmentation: the VTAB-1k protocol), none (normalise only) or auto: resize for offline: tasks (no
+    augmentation, as in the demo: a flipped digit is another digit), timm otherwise."""
+    eval_transform: str = "auto"
+    """Evaluation preprocessing: timm (resize and centre crop), resize (direct resize), none or auto: resize for
+    offline: tasks, timm otherwise."""
     hflip: float = 0.5
     """Horizontal flip probability (timm training transform)."""
     rand_augment: str | None = None
@@ -134,8 +136,11 @@ class _TrainConfig:
     """cpu, cuda, cuda:N or auto (the process's GPU if any)."""
     threads: int | None = None
     """CPU threads for torch in each process; default: torch's."""
-    output_dir: str = "runs/train"
-    """Where the delta file, checkpoint, log.jsonl and report.json go."""
+    output_dir: str | None = None
+    """Where the delta file, checkpoint, log.jsonl and report.json go; default: a new runs/<method>-<time>. An
+    existing non-empty folder is refused unless --resume or --overwrite."""
+    overwrite: bool = False
+    """Start afresh in a non-empty --output-dir, replacing the previous run's files there."""
     resume: bool = False
     """Continue from output_dir/checkpoint.safetensors if it exists (same result as an uninterrupted run). The file's
     digest is checked, and every option but threads, num_workers, progress, checkpoint_every, benchmark_seconds,
@@ -148,6 +153,10 @@ class _TrainConfig:
     """Show tqdm progress bars."""
     benchmark_seconds: float = 1.0
     """Time spent measuring inference images/s for the report (0: skip)."""
+    tensorboard: bool = False
+    """Log loss, lr and accuracy per step and per epoch to output_dir/tb for TensorBoard (pip install tensorboard)."""
+    wandb: bool = False
+    """Log the same to Weights & Biases (pip install wandb; project deltatune, run named after output_dir)."""
 
     def __post_init__(self) -> None:
         hints = _hints()
@@ -158,6 +167,8 @@ class _TrainConfig:
         if self.stages:
             self.stages = [m.strip() for s in self.stages for m in s.split(",") if m.strip()]
         for name in ("train_transform", "eval_transform"):
+            if getattr(self, name) == "auto":  # offline tasks are made at the offline ViT's size; digits must not flip
+                setattr(self, name, "resize" if self.dataset.startswith("offline:") else "timm")
             if getattr(self, name) not in TRANSFORMS:
                 raise DeltaTuneError(f"{name} must be one of {', '.join(TRANSFORMS)}, got {getattr(self, name)!r}")
         for name, limits in LIMITS.items():
@@ -256,6 +267,9 @@ RESUME_MAY_CHANGE = (
     "benchmark_seconds",
     "download",
     "output_dir",
+    "overwrite",
+    "tensorboard",
+    "wandb",
 )
 # create_backbone's own arguments: model_kwargs may not set them behind the options that do.
 RESERVED_MODEL_KWARGS = {
@@ -354,11 +368,14 @@ SECTIONS: dict[str, list[str]] = {
         "device",
         "threads",
         "output_dir",
+        "overwrite",
         "resume",
         "checkpoint_every",
         "eval_every",
         "progress",
         "benchmark_seconds",
+        "tensorboard",
+        "wandb",
     ],
 }
 

@@ -43,14 +43,17 @@ from deltatune.data import (
     subsample,
     with_transforms,
 )
+from deltatune.data.class_names import class_names
 from deltatune.errors import DeltaTuneError
 from deltatune.protocols import ReportsExtras, hooks
 from deltatune.train.config import TrainConfig
 from deltatune.train.distributed import Runtime, all_reduce_sum, runtime
 from deltatune.train.phases import Phase, describe, enter_stage, plan, restore, train_state, transition
 from deltatune.train.report import format_table, measure
+from deltatune.train.run_dir import resolve_output_dir, result_line
 from deltatune.train.state import prepare_output, resume_phase, resume_state, write_checkpoint, write_text
 from deltatune.train.steps import cosine_lr, epoch_line, evaluate, seed_all, to_device
+from deltatune.train.tracking import Tracker
 
 __all__ = ["TrainConfig", "build_model", "cosine_lr", "evaluate", "fit", "make_optimizer", "train"]
 CHECKPOINT = "checkpoint.safetensors"
@@ -71,6 +74,8 @@ class Parts:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
     ema: ModelEmaV3 | None = None
+    tracker: Tracker | None = None
+    classes: list[str] | None = None
 
 
 def train(config: TrainConfig | dict[str, Any], data: Data | None = None) -> dict[str, Any]:
@@ -86,7 +91,7 @@ def train(config: TrainConfig | dict[str, Any], data: Data | None = None) -> dic
         torch.set_num_threads(cfg.threads)
     try:
         with runtime(cfg.device, cfg.amp) as rt:
-            return _train(cfg, rt, data)
+            return _train(resolve_output_dir(cfg, rt, OUTPUTS), rt, data)
     finally:
         torch.set_num_threads(threads)
 
@@ -214,6 +219,7 @@ def _train_epoch(p: Parts, cfg: TrainConfig, rt: Runtime, epoch: int, total: int
         p.optimizer.step()
         p.scheduler.step()
         step += 1
+        p.tracker.step(step, value, p.optimizer.param_groups[0]["lr"])
         if p.ema is not None:
             p.ema.update(p.model)
         loss_sum, seen = loss_sum + value * len(targets), seen + len(targets)
@@ -256,6 +262,7 @@ def fit(
         if rt.is_main:
             with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            p.tracker.epoch(record)
             if cfg.progress:
                 tqdm.write(epoch_line(record, total))
         if cfg.checkpoint_every and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
@@ -355,9 +362,9 @@ def _write_outputs(p: Parts, cfg: TrainConfig, rt: Runtime, report: dict, histor
     images/s, report.json."""
     out, model = Path(cfg.output_dir), p.model
     report["delta_path"] = str(out / DELTA)
-    report["delta_bytes"] = save_delta(stored_form(model), out / DELTA)
+    report["delta_bytes"] = save_delta(stored_form(model), out / DELTA, classes=p.classes)
     if p.ema is not None:
-        save_delta(stored_form(p.ema.module), out / "delta_ema.safetensors")
+        save_delta(stored_form(p.ema.module), out / "delta_ema.safetensors", classes=p.classes)
     for config in hooks(cfg.method_configs(), ReportsExtras):
         report.update(config.report_extras(model, out))
     batch = to_device(next(iter(p.eval_loader))[0], rt.device)
@@ -367,6 +374,7 @@ def _write_outputs(p: Parts, cfg: TrainConfig, rt: Runtime, report: dict, histor
     write_text(out / "report.json", json.dumps(report, indent=2))
     if cfg.progress:
         print(format_table([report]))
+    print(result_line(report, out))
 
 
 def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
@@ -382,6 +390,7 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     if saved:
         restore(model, cfg, current, saved)
     p = _parts(cfg, rt, data, model, current)
+    p.tracker, p.classes = Tracker.for_run(cfg, rt.is_main), class_names(data, cfg.dataset)
     seed_all(cfg.seed + 1000 * rt.rank)  # augmentation and dropout differ between processes
     start_epoch, history = (saved["epoch"], saved["history"]) if saved else (0, [])
     if saved:
@@ -402,6 +411,7 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
         if max(start_epoch, phase.start) < phase.end:
             history = fit(p, cfg, rt, phase, max(start_epoch, phase.start), total, history)
     _check_finite(p, "the final weights")
+    p.tracker.close()
     report = _report(p, cfg, rt, history, phases)
     if rt.is_main:
         _write_outputs(p, cfg, rt, report, history, wall)

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from deltatune._plot import pyplot, save
 from deltatune.backbones import forward
 from deltatune.core import merge, state_of, trainable_parameters, unwrap
+from deltatune.train.tracking import log_figure
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
@@ -151,8 +152,11 @@ def format_table(
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
-def plot_accuracy_vs_params(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Saves a PNG of top-1 against trainable parameters (log x), one labelled point per method."""
+def plot_accuracy_vs_params(
+    rows: Sequence[dict[str, Any]], path: str | Path, title: str = "", tb_dir: str | Path | None = None
+) -> Path:
+    """Saves a PNG of top-1 against trainable parameters (log x), one labelled point per method (and, given
+    ``tb_dir``, logs the figure to TensorBoard in ``tb_dir/tb``)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in rows:
@@ -164,4 +168,6 @@ def plot_accuracy_vs_params(rows: Sequence[dict[str, Any]], path: str | Path, ti
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "accuracy vs trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
+    if tb_dir is not None:
+        log_figure(tb_dir, "accuracy_vs_params", fig)
     return save(fig, path)

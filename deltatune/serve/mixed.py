@@ -56,7 +56,7 @@ def plan(model: nn.Module, backbone: nn.Module) -> tuple[Plan | None, str]:
         if ops is None:
             return None, why
         result.sites[name] = ops
-        accounted |= {id(p) for p in module.parameters()}
+        accounted |= {id(p) for _, m in ops for p in m.delta_parameters()}
     for pname, p in plain_parameters(model):
         if id(p) in accounted:
             continue

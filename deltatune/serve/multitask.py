@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,9 @@ class MultiTaskModel(nn.Module):
         plain = copy.deepcopy(self.backbone)
         _fit_head(plain, fmt.read(task.path)[0], task.path)
         load_delta(plain, task.path)
-        merge(plain)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unmergeable delta is refused below, naming it
+            merge(plain)
         left = [n for n, m in plain.named_modules() if hasattr(m, "delta_method")]
         if left:
             raise DeltaTuneError(

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deltatune.bench import add_parser as add_bench
 
     add_bench(sub)  # deltatune bench: step time, memory and merged inference vs full FT and the floor
+    from deltatune.serve.server import add_parser as add_serve
+
+    add_serve(sub)  # deltatune serve: many tasks on one backbone over HTTP
     return parser
 
 

@@ -148,3 +148,21 @@ def test_corrupt_delta_file_refused_at_startup_naming_it(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "deltatune.cli", "serve", "--task", f"bad={bad}"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "bad.safetensors" in proc.stderr
+
+
+def test_demo_serves_the_demo_layout(server, tmp_path, monkeypatch):
+    """``serve --demo`` reads runs/demo/<method>/delta.safetensors (what ``deltatune demo`` writes)."""
+    from deltatune.cli import build_parser
+    from deltatune.serve.server import build_model
+
+    _, paths = server
+    demo = tmp_path / "runs" / "demo"
+    for name, path in paths.items():
+        (demo / name).mkdir(parents=True)
+        (demo / name / "delta.safetensors").write_bytes(path.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    model = build_model(build_parser().parse_args(["serve", "--demo"]))
+    assert model.tasks() == sorted(TASKS)
+    monkeypatch.chdir(tmp_path / "runs")
+    with pytest.raises(deltatune.DeltaTuneError, match="run `deltatune demo` first"):
+        build_model(build_parser().parse_args(["serve", "--demo"]))

@@ -21,6 +21,7 @@ import timm
 import torch
 
 import deltatune
+import deltatune.offline.backbone  # registers deltatune_offline_vit with timm
 from deltatune.fast_measure import round_robin
 from deltatune.serve import MultiTaskModel
 
@@ -70,7 +71,7 @@ def time_mixed(mt: MultiTaskModel, method: str, n: int, x: torch.Tensor, ns: arg
         pm = peft_model(ns.model, ns.img_size, n)
         adapters = [f"a{i % n}" for i in range(len(x))]
         fns["peft_mixed"] = lambda: pm(x, adapter_names=adapters)
-    times = round_robin(fns, 2, ns.steps, torch.device("cpu"))
+    times = round_robin(fns, 2, ns.steps, torch.device("cpu"), clock=ns.clock)
     row = {"method": method, "tasks": n, "single_ms": statistics.median(times["single"])}
     row.update({f"{k}_ratio": ratio(times, k, "single") for k in fns if k != "single"})
     print(json.dumps(row), flush=True)
@@ -79,13 +80,18 @@ def time_mixed(mt: MultiTaskModel, method: str, n: int, x: torch.Tensor, ns: arg
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--img-size", type=int, default=112)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--model", default="deltatune_offline_vit")
+    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/multitask")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time (use with --threads 1 on a shared machine)")
     ns = parser.parse_args()
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
     x = torch.randn(ns.batch, 3, ns.img_size, ns.img_size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
@@ -100,14 +106,15 @@ def main() -> None:
 def write(ns: argparse.Namespace, rows: list[dict]) -> None:
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": ns.model, "img_size": ns.img_size, "batch": ns.batch, "threads": torch.get_num_threads()}
+    meta = {"model": ns.model, "img_size": ns.img_size, "batch": ns.batch, "threads": torch.get_num_threads(),
+            "clock": ns.clock}
     out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     lines = [
         f"# Mixed-task batches: {ns.model} @ {ns.img_size}px, batch {ns.batch}, eager, CPU, "
-        f"{meta['threads']} threads",
+        f"{meta['threads']} threads, {ns.clock} clock",
         "",
         f"Command: `PYTHONPATH=. python scripts/bench_multitask.py --model {ns.model} --img-size {ns.img_size} "
-        f"--batch {ns.batch}`. Times relative to one task's unmerged model on the same batch (median of "
+        f"--batch {ns.batch} --threads {meta['threads']} --clock {ns.clock}`. Times relative to one task's unmerged model on the same batch (median of "
         f"{ns.steps} interleaved rounds). Targets: mixed <= 1.15x (SSF, BitFit), <= 1.3x (LoRA r=8).",
         "",
         "| method | tasks | single-task ms | mixed | grouped by task | peft mixed adapters |",

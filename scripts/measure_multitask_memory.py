@@ -33,8 +33,9 @@ def main() -> None:
     ptrs = {n: p.data_ptr() for n, p in backbone.named_parameters()}
     base_bytes = nbytes(backbone.parameters())
     with tempfile.TemporaryDirectory() as tmp:
-        trained = deltatune.apply(timm.create_model(ns.model, pretrained=False, num_classes=100), "ssf")
-        trained.load_state_dict(backbone.state_dict(), strict=False)  # same frozen weights as the shared backbone
+        trained = timm.create_model(ns.model, pretrained=False, num_classes=100)
+        trained.load_state_dict(backbone.state_dict())  # the same frozen weights as the shared backbone
+        deltatune.apply(trained, "ssf")
         path = Path(tmp) / "ssf.safetensors"
         file_bytes = deltatune.save_delta(trained, path)
         mt, add_ms = MultiTaskModel(backbone), []

@@ -114,7 +114,8 @@ def write(ns: argparse.Namespace, rows: list[dict]) -> None:
         f"{meta['threads']} threads, {ns.clock} clock",
         "",
         f"Command: `PYTHONPATH=. python scripts/bench_multitask.py --model {ns.model} --img-size {ns.img_size} "
-        f"--batch {ns.batch} --threads {meta['threads']} --clock {ns.clock}`. Times relative to one task's unmerged model on the same batch (median of "
+        f"--batch {ns.batch} --threads {meta['threads']} --clock {ns.clock}`. "
+        f"Times relative to one task's unmerged model on the same batch (median of "
         f"{ns.steps} interleaved rounds). Targets: mixed <= 1.15x (SSF, BitFit), <= 1.3x (LoRA r=8).",
         "",
         "| method | tasks | single-task ms | mixed | grouped by task | peft mixed adapters |",

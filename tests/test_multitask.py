@@ -172,3 +172,15 @@ def test_errors_name_the_problem(tmp_path):
         assert "other backbone weights" in str(e)
     else:
         raise AssertionError("file accepted on other backbone weights")
+
+
+def test_inference_tables_follow_changed_deltas(tmp_path):
+    """The stacked tables cached between no-grad forwards are rebuilt once a task's delta changes in place."""
+    mt, paths = _setup(tmp_path)
+    ref = _single(paths["ssf"], 3)
+    x, names = torch.randn(3, 3, 32, 32), ["ssf", "lora", "bitfit"]
+    with torch.no_grad():
+        mt(x, names)
+        for model in (mt.task_model("ssf"), ref):
+            model.blocks[0].norm1.ssf_scale.mul_(1.5)
+        torch.testing.assert_close(mt(x, names)[0, :3], ref(x)[0], atol=1e-5, rtol=1e-5)

@@ -102,6 +102,17 @@ class MixedSite(nn.Module):
         super().__init__()
         self.base, self.slots, self.ctx = base, slots, ctx
         self.dim = channel_dim(base)
+        self._cache: dict[tuple, tuple[tuple, Tensor]] = {}
+
+    def _stacked(self, key: tuple, tensors: list[Tensor]) -> Tensor:
+        """``torch.stack(tensors)``; without autograd, reused until a parameter changes (its version counter)."""
+        if torch.is_grad_enabled():
+            return torch.stack(tensors)
+        versions = tuple((id(t), t._version) for t in tensors if isinstance(t, nn.Parameter))  # fillers are fixed
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != versions:
+            hit = self._cache[key] = (versions, torch.stack(tensors))
+        return hit[1]
 
     def forward(self, x: Tensor) -> Tensor:
         groups = self.ctx.groups
@@ -132,14 +143,15 @@ class MixedSite(nn.Module):
             y = F.layer_norm(x, layer.normalized_shape, layer.weight, None, layer.eps)
         else:
             y = layer._conv_forward(x, layer.weight, None)
-        default = layer.bias if layer.bias is not None else torch.zeros(y.shape[self.dim], dtype=y.dtype)
-        return y + self._rows(torch.stack([default if p is None else p for p in per_task]), y.ndim)
+        default = layer.bias if layer.bias is not None else y.new_zeros(y.shape[self.dim])
+        table = self._stacked(("bias",), [default if p is None else p for p in per_task])
+        return y + self._rows(table, y.ndim)
 
     def _ssf(self, y: Tensor, per_task: list[SSF | None]) -> Tensor:
         c = y.shape[self.dim]
         one, zero = y.new_ones(c), y.new_zeros(c)
-        scale = torch.stack([one if m is None else m.ssf_scale for m in per_task])
-        shift = torch.stack([zero if m is None else m.ssf_shift for m in per_task])
+        scale = self._stacked(("scale", id(per_task)), [one if m is None else m.ssf_scale for m in per_task])
+        shift = self._stacked(("shift", id(per_task)), [zero if m is None else m.ssf_shift for m in per_task])
         return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim))
 
     def _sliced(self, x: Tensor, y: Tensor, kind: str, per_task: list[Any]) -> Tensor:

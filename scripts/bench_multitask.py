@@ -71,7 +71,8 @@ def time_mixed(mt: MultiTaskModel, method: str, n: int, x: torch.Tensor, ns: arg
         pm = peft_model(ns.model, ns.img_size, n)
         adapters = [f"a{i % n}" for i in range(len(x))]
         fns["peft_mixed"] = lambda: pm(x, adapter_names=adapters)
-    times = round_robin(fns, 2, ns.steps, torch.device("cpu"), clock=ns.clock)
+    with torch.inference_mode():
+        times = round_robin(fns, 2, ns.steps, torch.device("cpu"), clock=ns.clock)
     row = {"method": method, "tasks": n, "single_ms": statistics.median(times["single"])}
     row.update({f"{k}_ratio": ratio(times, k, "single") for k in fns if k != "single"})
     print(json.dumps(row), flush=True)
@@ -94,7 +95,7 @@ def main() -> None:
         torch.set_num_threads(ns.threads)
     x = torch.randn(ns.batch, 3, ns.img_size, ns.img_size)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+    with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:
             mt = MultiTaskModel(backbone(ns.model, ns.img_size)).eval()
             for i, path in enumerate(task_files(ns.model, ns.img_size, method, max(ns.tasks), Path(tmp))):

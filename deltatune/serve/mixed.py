@@ -106,8 +106,8 @@ class MixedSite(nn.Module):
 
     def _stacked(self, key: tuple, tensors: list[Tensor]) -> Tensor:
         """``torch.stack(tensors)``; without autograd, reused until a parameter changes (its version counter)."""
-        if torch.is_grad_enabled():
-            return torch.stack(tensors)
+        if torch.is_grad_enabled() or any(t.is_inference() for t in tensors if isinstance(t, nn.Parameter)):
+            return torch.stack(tensors)  # (inference tensors keep no version counter)
         versions = tuple((id(t), t._version) for t in tensors if isinstance(t, nn.Parameter))  # fillers are fixed
         hit = self._cache.get(key)
         if hit is None or hit[0] != versions:

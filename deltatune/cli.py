@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deltatune.predict import add_parser as add_predict
 
     add_predict(sub)  # deltatune predict: top-k class names for images or texts with a trained delta
+    from deltatune.serve.server import add_parser as add_serve
+
+    add_serve(sub)  # deltatune serve: many tasks on one backbone over HTTP
     return parser
 
 

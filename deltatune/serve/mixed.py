@@ -1,0 +1,242 @@
+"""Per-row kernels for mixed-task batches: every site any task changes becomes one ``MixedSite``.
+
+Rows arrive sorted by task (``MultiTaskModel.forward`` sorts and unsorts), so each task's rows are one slice.
+At a site, the base layer runs once for the whole batch, then each task's deltas act on its rows:
+
+- BitFit bias: ``base(x) without bias + bias[task]``: a gather of the stacked biases (the backbone's for others);
+- SSF: ``y * scale[task] + shift[task]``: one gather and one addcmul (ones and zeros for tasks without it);
+- LoRA (Linear, fused-qkv parts included): ``y[rows] += s B A x[rows]`` per task slice (low rank, no weight copy);
+- adapters: ``z + up(act(down(z)))`` per task slice.
+
+A site keeps each task's own ordering of stacked deltas (SSF over LoRA differs from LoRA over SSF). The tables are
+stacked from the tasks' own parameters at every forward, so gradients reach each task's deltas (joint training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deltatune.checkpoint import plain_parameters
+from deltatune.core import state_of
+from deltatune.errors import DeltaTuneError
+from deltatune.methods.adapter import Adapter
+from deltatune.methods.lora import LoRALinear
+from deltatune.methods.ssf import SSF, channel_dim
+from deltatune.serve._share import share_copy
+from deltatune.targeting import innermost, is_delta, iter_sites, set_module
+
+BIAS_LAYERS = (nn.Linear, nn.LayerNorm, nn.Conv2d)
+Op = tuple[str, Any]  # ("bias", Parameter) | ("ssf", SSF) | ("lora", LoRALinear) | ("adapter", Adapter)
+
+
+@dataclass
+class Plan:
+    """What one task changes, per site (ops innermost first), and its head's name."""
+
+    sites: dict[str, list[Op]] = field(default_factory=dict)
+    head: str | None = None
+
+
+def plan(model: nn.Module, backbone: nn.Module) -> tuple[Plan | None, str]:
+    """A task model's per-site ops, or (None, why) when some delta has no per-row kernel."""
+    state = state_of(model)
+    result = Plan(head=state.head if state else None)
+    accounted = {id(p) for p in backbone.parameters()}
+    if result.head:
+        accounted |= {id(p) for p in model.get_submodule(result.head).parameters()}
+    for name, module in iter_sites(model):
+        if not is_delta(module):
+            continue
+        ops, why = _chain(name, module)
+        if ops is None:
+            return None, why
+        result.sites[name] = ops
+        accounted |= {id(p) for _, m in ops for p in m.delta_parameters()}
+    for pname, p in plain_parameters(model):
+        if id(p) in accounted:
+            continue
+        site, _, leaf = pname.rpartition(".")
+        layer = innermost(model.get_submodule(site)) if site else model
+        if leaf != "bias" or not isinstance(layer, BIAS_LAYERS):
+            return None, f"{pname} is trained (only biases of Linear/LayerNorm/Conv2d layers mix per row)"
+        result.sites.setdefault(site, []).insert(0, ("bias", p))
+        accounted.add(id(p))
+    left = [n for n, p in model.named_parameters() if id(p) not in accounted]
+    if left:
+        return None, f"{left[0]} has no per-row kernel"
+    return result, ""
+
+
+def _chain(name: str, module: nn.Module) -> tuple[list[Op] | None, str]:
+    """The wrapper stack at a site, innermost first, if every wrapper has a per-row kernel."""
+    ops: list[Op] = []
+    while is_delta(module):
+        if isinstance(module, SSF) and not module.norm_act and not module.merged:
+            ops.append(("ssf", module))
+        elif isinstance(module, LoRALinear) and isinstance(module.dropout, nn.Identity) and not module.merged:
+            ops.append(("lora", module))
+        elif isinstance(module, Adapter):
+            ops.append(("adapter", module))
+        else:
+            return None, f"{module.delta_method} at {name} has no per-row kernel (its rows run through its own model)"
+        module = module.base
+    return ops[::-1], ""
+
+
+class Context:
+    """The batch's per-row task positions and the slices of each task's rows, set before every forward."""
+
+    idx: Tensor
+    groups: list[tuple[int, int, int]]  # (task position, start row, end row)
+
+
+class MixedSite(nn.Module):
+    """One backbone layer and, per task, the deltas there (None: the task leaves this site alone)."""
+
+    def __init__(self, base: nn.Module, slots: list[tuple[str, list[Any]]], ctx: Context) -> None:
+        super().__init__()
+        self.base, self.slots, self.ctx = base, slots, ctx
+        self.dim = channel_dim(base)
+        self._cache: dict[tuple, tuple[tuple, Tensor]] = {}
+
+    def _stacked(self, key: tuple, tensors: list[Tensor]) -> Tensor:
+        """``torch.stack(tensors)``; without autograd, reused until a parameter changes (its version counter)."""
+        if torch.is_grad_enabled() or any(t.is_inference() for t in tensors if isinstance(t, nn.Parameter)):
+            return torch.stack(tensors)  # (inference tensors keep no version counter)
+        versions = tuple((id(t), t._version) for t in tensors if isinstance(t, nn.Parameter))  # fillers are fixed
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != versions:
+            hit = self._cache[key] = (versions, torch.stack(tensors))
+        return hit[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups = self.ctx.groups
+        if x.shape[0] != groups[-1][2]:
+            raise DeltaTuneError(f"mixed batch: a site saw {x.shape[0]} rows, not the batch's {groups[-1][2]}")
+        y = None
+        for kind, per_task in self.slots:
+            if kind == "bias":
+                y = self._biased(x, per_task)
+            elif kind == "ssf":
+                y = self._ssf(self.base(x) if y is None else y, per_task)
+            else:
+                y = self._sliced(x, self.base(x) if y is None else y, kind, per_task)
+        return y
+
+    def _rows(self, table: Tensor, ndim: int) -> Tensor:
+        """Row ``i`` of the result is ``table[task of row i]``, shaped to broadcast along the channel dim."""
+        g = table[self.ctx.idx]  # (B, C)
+        shape = [g.shape[0]] + [1] * (ndim - 1)
+        shape[self.dim if self.dim >= 0 else ndim - 1] = g.shape[1]
+        return g.view(shape)
+
+    def _biased(self, x: Tensor, per_task: list[Any]) -> Tensor:
+        layer = self.base
+        if isinstance(layer, nn.Linear):
+            y = F.linear(x, layer.weight)
+        elif isinstance(layer, nn.LayerNorm):
+            y = F.layer_norm(x, layer.normalized_shape, layer.weight, None, layer.eps)
+        else:
+            y = layer._conv_forward(x, layer.weight, None)
+        default = layer.bias if layer.bias is not None else y.new_zeros(y.shape[self.dim])
+        table = self._stacked(("bias",), [default if p is None else p for p in per_task])
+        return y + self._rows(table, y.ndim)
+
+    def _ssf(self, y: Tensor, per_task: list[SSF | None]) -> Tensor:
+        c = y.shape[self.dim]
+        one, zero = y.new_ones(c), y.new_zeros(c)
+        scale = self._stacked(("scale", id(per_task)), [one if m is None else m.ssf_scale for m in per_task])
+        shift = self._stacked(("shift", id(per_task)), [zero if m is None else m.ssf_shift for m in per_task])
+        return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim))
+
+    def _sliced(self, x: Tensor, y: Tensor, kind: str, per_task: list[Any]) -> Tensor:
+        """LoRA and adapters: each task's module on its own slice of rows; rows of other tasks pass unchanged."""
+        parts = []
+        for pos, start, end in self.ctx.groups:
+            m, part = per_task[pos], y[start:end]
+            if m is not None and kind == "lora":
+                delta = m.lora_delta(x[start:end])
+                part = part + delta if len(m.rows) == part.shape[-1] else part.index_add(-1, m.rows, delta)
+            elif m is not None:
+                z = part if m.channels_last else part.movedim(1, -1)
+                z = z + m.adapter_up(m.adapter_act(m.adapter_down(z)))
+                part = z if m.channels_last else z.movedim(-1, 1)
+            parts.append(part)
+        return torch.cat(parts)
+
+
+class MixedHead(nn.Module):
+    """Each task's own head on its rows, padded with -inf to the widest head."""
+
+    def __init__(self, heads: list[nn.Module], ctx: Context) -> None:
+        super().__init__()
+        self.heads, self.ctx, self.width = heads, ctx, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = [self.heads[pos](x[start:end]) for pos, start, end in self.ctx.groups]
+        return torch.cat([F.pad(o, (0, self.width - o.shape[-1]), value=float("-inf")) for o in outs])
+
+
+def _merge_order(sequences: list[list[str]]) -> list[str]:
+    """A slot order in which every task's own order of kinds is a subsequence (greedy insertion)."""
+    slots: list[str] = []
+    for seq in sequences:
+        pos = 0
+        for kind in seq:
+            found = next((i for i in range(pos, len(slots)) if slots[i] == kind), None)
+            if found is None:
+                slots.insert(pos, kind)
+                found = pos
+            pos = found + 1
+    return slots
+
+
+def _assign(slots: list[str], ops: list[Op]) -> list[Any]:
+    """Each slot's module for one task (None where it has none), matching its ops in order."""
+    out: list[Any] = [None] * len(slots)
+    pos = 0
+    for kind, obj in ops:
+        pos = next(i for i in range(pos, len(slots)) if slots[i] == kind)
+        out[pos] = obj
+        pos += 1
+    return out
+
+
+def build(backbone: nn.Module, tasks: list[Any]) -> nn.Module:
+    """A copy of the backbone (sharing its tensors) whose changed sites are MixedSites and head a MixedHead."""
+    net, ctx = share_copy(backbone), Context()
+    names = list(dict.fromkeys(s for t in tasks for s in t.plan.sites))
+    for site in names:
+        ops = [t.plan.sites.get(site, []) for t in tasks]
+        slots = _merge_order([[k for k, _ in o if k != "bias"] for o in ops])
+        if any(k == "bias" for o in ops for k, _ in o):
+            slots.insert(0, "bias")  # the base layer's own bias comes before every wrapper
+        per_task = [_assign(slots, o) for o in ops]
+        columns = [(kind, [row[i] for row in per_task]) for i, kind in enumerate(slots)]
+        set_module(net, site, MixedSite(innermost(net.get_submodule(site)), columns, ctx))
+    head = tasks[0].plan.head if tasks else None
+    if head:
+        set_module(net, head, MixedHead([t.model.get_submodule(head) for t in tasks], ctx))
+    net.__dict__["_mixed_ctx"] = ctx
+    net.__dict__["_mixed_head"] = net.get_submodule(head) if head else None
+    return net
+
+
+def run(net: nn.Module, x: Any, positions: list[int], counts: list[int], width: int) -> Tensor:
+    """Logits of a batch sorted by task (``counts`` rows of each task at ``positions``), padded to ``width``."""
+    ctx: Context = net.__dict__["_mixed_ctx"]
+    starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    ctx.groups = [(p, starts[i], starts[i + 1]) for i, p in enumerate(positions)]
+    device = (x if isinstance(x, Tensor) else next(iter(x.values()))).device
+    ctx.idx = torch.repeat_interleave(torch.tensor(positions), torch.tensor(counts)).to(device)
+    head = net.__dict__["_mixed_head"]
+    if head is None:
+        raise DeltaTuneError("mixed batch: the tasks have no classification head")
+    head.width = width
+    out = net(**x) if isinstance(x, dict) else net(x)
+    return out.logits if hasattr(out, "logits") else out

@@ -23,47 +23,17 @@ from deltatune.checkpoint import load_delta, read_metadata, save_delta
 from deltatune.core import apply, delta_state_dict, merge, summary, trainable_parameters
 from deltatune.errors import DeltaTuneError
 from deltatune.interop.peft import load_peft, save_peft
-from deltatune.methods.adapter import AdapterConfig
-from deltatune.methods.adaptformer import AdaptFormerConfig
-from deltatune.methods.fact import FacTTKConfig, FacTTTConfig
-from deltatune.methods.ia3 import IA3Config
-from deltatune.methods.lora import LoRAConfig
-from deltatune.methods.mimi import MiMiConfig
-from deltatune.methods.partial import AttnOnlyConfig, LayerNormConfig, MLPOnlyConfig
-from deltatune.methods.phm import CompacterConfig, PHMAdapterConfig
-from deltatune.methods.prefix import PrefixConfig
-from deltatune.methods.prompt import PromptConfig
 from deltatune.methods.pruning import prune_adapters
-from deltatune.methods.selection import BitFitConfig, FullConfig, LinearConfig
-from deltatune.methods.ssf import SSFConfig
-from deltatune.methods.vpt import VPTDeepConfig, VPTShallowConfig
 from deltatune.offline import backbone as _offline_backbone  # noqa: F401  (timm.create_model("deltatune_offline_vit"))
 from deltatune.predict import Prediction, predict
-from deltatune.registry import methods
+from deltatune.registry import config_classes, methods
+
+# Every registered method's config class (``deltatune.LoRAConfig``, ...): a new method needs no line here.
+globals().update({cls.__name__: cls for cls in config_classes()})
 
 __all__ = [
-    "AdaptFormerConfig",
-    "AdapterConfig",
-    "AttnOnlyConfig",
-    "BitFitConfig",
-    "CompacterConfig",
     "DeltaTuneError",
-    "FacTTKConfig",
-    "FacTTTConfig",
-    "FullConfig",
-    "IA3Config",
-    "LayerNormConfig",
-    "LinearConfig",
-    "LoRAConfig",
-    "MLPOnlyConfig",
-    "MiMiConfig",
-    "PHMAdapterConfig",
     "Prediction",
-    "PrefixConfig",
-    "PromptConfig",
-    "SSFConfig",
-    "VPTDeepConfig",
-    "VPTShallowConfig",
     "apply",
     "create_backbone",
     "delta_state_dict",
@@ -78,4 +48,5 @@ __all__ = [
     "save_peft",
     "summary",
     "trainable_parameters",
+    *(cls.__name__ for cls in config_classes()),
 ]

@@ -40,6 +40,11 @@ def require(config: Any, ok: bool, option: str, rule: str) -> None:
         raise DeltaTuneError(f"{config.name}: {option} must be {rule}, got {getattr(config, option)!r}")
 
 
+def config_classes() -> list[type]:
+    """Every registered config class, by method name (the package exports them by class name)."""
+    return [_METHODS[name] for name in sorted(_METHODS)]
+
+
 def methods() -> list[str]:
     """Names of all registered methods, sorted."""
     return sorted(_METHODS)

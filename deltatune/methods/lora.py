@@ -231,21 +231,17 @@ class LoRAFusedQKV(LoRALinear):
             return y + self.lora_delta(x)
         return y.index_add(-1, self.rows, self.lora_delta(x))
 
-    def delta_weight(self) -> Tensor:
-        """``(alpha / r) B A`` for the selected rows, in float64: (P * C, in)."""
-        p, _, r = self.lora_b.shape
-        a = self.lora_a.detach().double().view(p, r, -1)
-        return torch.bmm(self.lora_b.detach().double(), a).flatten(0, 1) * self.scaling
-
     @torch.no_grad()
     def merge(self) -> nn.Module | None:
-        """Adds the update into the selected rows of the base weight (float64, rounded once); repeats add nothing."""
+        """Adds the update into the selected rows of the base weight (float64, rounded once); repeats add nothing.
+
+        The chunked ``W + s B A`` is the fast path's own (``kernels.lora.lora_weight``), here in float64."""
         if is_delta(self.base):
             return None
         if not self.merged:
             w = out_in(self.base)
-            merged = w.double().index_add(0, self.rows.to(w.device), self.delta_weight().to(w.device))
-            w.copy_(round_to(merged, w.dtype))
+            a, b = (t.detach().double().to(w.device) for t in (self.lora_a, self.lora_b))
+            w.copy_(round_to(fast_lora.lora_weight(w.double(), a, b, self.chunks, self.scaling), w.dtype))
             self.merged = True
         return self.base
 

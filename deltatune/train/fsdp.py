@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from deltatune.core import delta_state_dict
@@ -86,6 +86,9 @@ def _set(owners: list[tuple[nn.Module, str]], value: nn.Parameter) -> None:
 def _gather(model: nn.Module, frozen: bool) -> dict[str, tuple[DTensor, nn.Parameter]]:
     """Each sharded delta/head parameter (and with ``frozen`` the backbone's, on the CPU), all-gathered: by name,
     (the shard, a full plain parameter). Every rank calls it in the same order."""
+    for module in model.modules():  # the root keeps its parameters unsharded after a forward (evaluation)
+        if isinstance(module, FSDPModule):
+            module.reshard()
     deltas = set(delta_state_dict(model))
     out = {}
     for name, p in model.named_parameters():
@@ -127,7 +130,8 @@ def gathered(
         frozen: Gather the frozen backbone too, to the CPU (``save_delta`` records a hash of its values).
         load: Copy the values (and optimizer state) found inside back into the shards on the way out.
     """
-    owners, swapped = _owners(model), _gather(model, frozen)
+    swapped = _gather(model, frozen)
+    owners = _owners(model)  # after _gather: resharding registers the shards again
     kept: dict[int, dict[str, Any]] = {}
     for sharded, full in swapped.values():
         _set(owners[id(sharded)], full)

@@ -34,11 +34,20 @@ def _torchrun(cfg: dict, wait: bool = True) -> subprocess.Popen:
     """``deltatune train`` with ``cfg`` in two gloo processes; waits for it (and checks it succeeded) if ``wait``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
     cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "deltatune.cli", *_cli_args(cfg)]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if wait:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-3000:]
     return proc
+
+
+def _descendants(pid: int) -> list[int]:
+    """The process ids of every child, grandchild, ... of ``pid`` (Linux /proc), deepest first."""
+    out = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, children.read_text().split()):
+            out += [*_descendants(child), child]
+    return out
 
 
 def _max_diff(a: Path, b: Path) -> float:
@@ -70,11 +79,13 @@ def test_fsdp_trains_the_deltas_of_ddp(runs: dict[str, Path]) -> None:
 
 def test_fsdp_delta_file_loads_onto_the_plain_backbone(runs: dict[str, Path]) -> None:
     """The file written from sharded state records the full backbone (its values are checked on load)."""
-    torch.manual_seed(0)  # build_model's seed: the same random backbone
-    backbone = create_backbone("test_vit", 4, False, None, 32, patch_size=8)
-    model = load_delta(backbone, runs["fsdp"] / "delta.safetensors")
+    models = []
+    for run in ("fsdp", "ddp"):
+        torch.manual_seed(0)  # build_model's seed: the same random backbone
+        backbone = create_backbone("test_vit", 4, False, None, 32, patch_size=8)
+        models.append(load_delta(backbone, runs[run] / "delta.safetensors").eval())
     x = torch.randn(2, 3, 32, 32)
-    ddp = load_delta(create_backbone("test_vit", 4, False, None, 32, patch_size=8), runs["ddp"] / "delta.safetensors")
+    model, ddp = models
     assert torch.allclose(model(x), ddp(x), atol=1e-5)
 
 
@@ -85,7 +96,8 @@ def test_fsdp_resume_after_kill_matches_an_uninterrupted_run(runs: dict[str, Pat
     deadline = time.monotonic() + 120
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [*_descendants(proc.pid), proc.pid]:  # torchrun starts its workers in sessions of their own
+        os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate()
     assert ckpt.exists(), err.decode()[-2000:]
     assert read_info(ckpt)["info"]["epoch"] == 1 and not (tmp_path / "killed" / "report.json").exists()

@@ -157,6 +157,9 @@ class _TrainConfig:
     """Log loss, lr and accuracy per step and per epoch to output_dir/tb for TensorBoard (pip install tensorboard)."""
     wandb: bool = False
     """Log the same to Weights & Biases (pip install wandb; project deltatune, run named after output_dir)."""
+    fsdp: bool = False
+    """Under torchrun, shard the model over the processes with FSDP2 (fully_shard: one unit per block, then the
+    root) instead of replicating it with DDP: each process holds 1/N of the backbone. One phase, no EMA."""
 
     def __post_init__(self) -> None:
         hints = _hints()
@@ -376,6 +379,7 @@ SECTIONS: dict[str, list[str]] = {
         "benchmark_seconds",
         "tensorboard",
         "wandb",
+        "fsdp",
     ],
 }
 

@@ -48,6 +48,7 @@ from deltatune.errors import DeltaTuneError
 from deltatune.protocols import ReportsExtras, hooks
 from deltatune.train.config import TrainConfig
 from deltatune.train.distributed import Runtime, all_reduce_sum, runtime
+from deltatune.train.fsdp import check_supported, gathered, shard
 from deltatune.train.phases import Phase, describe, enter_stage, plan, restore, train_state, transition
 from deltatune.train.report import format_table, measure
 from deltatune.train.run_dir import resolve_output_dir, result_line
@@ -159,7 +160,11 @@ def _parts(cfg: TrainConfig, rt: Runtime, data: Data, model: nn.Module, phase: P
 
 
 def _start_phase(p: Parts, cfg: TrainConfig, rt: Runtime, phase: Phase) -> None:
-    """Optimizer (fresh unless pruning keeps it), the phase's fresh warm-up + cosine schedule, EMA and DDP."""
+    """Optimizer (fresh unless pruning keeps it), the phase's fresh warm-up + cosine schedule, EMA and DDP (or,
+    with --fsdp, the model sharded before its optimizer is made)."""
+    sharded = cfg.fsdp and rt.distributed
+    if sharded and p.ddp is None:
+        shard(p.model, rt)
     if phase.fresh_optimizer() or p.optimizer is None:
         p.optimizer = make_optimizer(p.model, cfg.lr, cfg.weight_decay)
     steps = len(p.train_loader)
@@ -171,7 +176,7 @@ def _start_phase(p: Parts, cfg: TrainConfig, rt: Runtime, phase: Phase) -> None:
     p.ema = ModelEmaV3(p.model, decay=cfg.ema_decay) if cfg.ema_decay else None
     p.ddp = (
         DistributedDataParallel(p.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-        if rt.distributed
+        if rt.distributed and not sharded
         else p.model
     )
 
@@ -287,7 +292,8 @@ def _checkpoint(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], ph
     _check_finite(p, f"the weights of epoch {history[-1]['epoch']}")
     info = {"epoch": history[-1]["epoch"], "phase": phase.index, **train_state(p.model, cfg)}
     info |= {"history": history, "config": cfg.to_dict()}
-    write_checkpoint(Path(cfg.output_dir) / CHECKPOINT, *_state(p), info, rt)
+    with gathered(p.model, p.optimizer):  # FSDP: the full deltas and optimizer state
+        write_checkpoint(Path(cfg.output_dir) / CHECKPOINT, *_state(p), info, rt)
 
 
 def _state(p: Parts) -> tuple[nn.Module, Any, Any, nn.Module | None]:
@@ -368,7 +374,10 @@ def _write_outputs(p: Parts, cfg: TrainConfig, rt: Runtime, report: dict, histor
     for config in hooks(cfg.method_configs(), ReportsExtras):
         report.update(config.report_extras(model, out))
     batch = to_device(next(iter(p.eval_loader))[0], rt.device)
-    report.update(measure(model, batch, cfg.benchmark_seconds, rt.amp))
+    if cfg.fsdp and rt.distributed:  # the costs run the model on rank 0 alone; sharded, it needs every rank
+        report["trainable_params"] = trainable_parameters(model)
+    else:
+        report.update(measure(model, batch, cfg.benchmark_seconds, rt.amp))
     report["wall_s"] = time.perf_counter() - wall
     report["history"] = history
     write_text(out / "report.json", json.dumps(report, indent=2))
@@ -385,6 +394,8 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     check_classes(data, f"dataset {cfg.dataset!r}")
     model = build_model(cfg, data.num_classes)
     phases = plan(cfg, model)
+    if cfg.fsdp:
+        check_supported(bool(cfg.ema_decay), len(phases))
     total = phases[-1].end
     current = resume_phase(cfg, phases, saved)
     if saved:
@@ -394,7 +405,8 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     seed_all(cfg.seed + 1000 * rt.rank)  # augmentation and dropout differ between processes
     start_epoch, history = (saved["epoch"], saved["history"]) if saved else (0, [])
     if saved:
-        resume_state(out / CHECKPOINT, *_state(p), rt, rt.is_main and cfg.progress)
+        with gathered(p.model, p.optimizer, load=True):  # FSDP: loaded full, re-sharded on the way out
+            resume_state(out / CHECKPOINT, *_state(p), rt, rt.is_main and cfg.progress)
         # Where the uninterrupted run's sampler stands: a pruning right after resuming draws the same batches.
         p.train_loader.sampler.set_epoch(start_epoch - 1)  # type: ignore[union-attr]
     if rt.is_main:
@@ -413,6 +425,7 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     _check_finite(p, "the final weights")
     p.tracker.close()
     report = _report(p, cfg, rt, history, phases)
-    if rt.is_main:
-        _write_outputs(p, cfg, rt, report, history, wall)
+    with gathered(p.model, frozen=True):  # FSDP: the delta file records the backbone's hash
+        if rt.is_main:
+            _write_outputs(p, cfg, rt, report, history, wall)
     return report

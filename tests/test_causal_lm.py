@@ -20,7 +20,7 @@ from deltatune.train import loop as training
 from deltatune.train.loop import train
 
 INIT = 0.3
-WORDS = "the cat dog sat ran on under a mat log and then slept".split()
+WORDS = ["the", "cat", "dog", "sat", "ran", "on", "under", "a", "mat", "log", "and", "then", "slept"]
 TEXT = "the cat sat on a mat and then slept . the dog ran under a log and then sat .\n" * 40
 
 
@@ -38,8 +38,8 @@ def _save_lm(folder: Path, kind: str) -> Any:
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64, **init))
     else:
-        kw = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_key_value_heads": 1}
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, num_hidden_layers=2, max_position_embeddings=64, **kw, **init))
+        kw = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_key_value_heads": 1, **init}
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, num_hidden_layers=2, max_position_embeddings=64, **kw))
     model.save_pretrained(folder)
     return model
 
@@ -155,7 +155,7 @@ def test_blocks_hold_out_the_end_and_folders_join_their_txt_files(corpus: Path, 
     (tmp_path / "skip.md").write_text("a log")
     folder = load_data(f"lm:{tmp_path}", tokenizer=str(corpus / "gpt2"), block_size=2)
     words = tok.convert_ids_to_tokens(torch.cat([folder.train.blocks, folder.eval.blocks]).flatten().tolist())
-    assert words == "the cat sat the dog ran".split()
+    assert words == ["the", "cat", "sat", "the", "dog", "ran"]
 
 
 @pytest.mark.parametrize(

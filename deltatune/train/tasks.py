@@ -80,4 +80,3 @@ def check_fit(model: nn.Module, task: str, block_size: int) -> None:
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if task == CAUSAL_LM and isinstance(limit, int) and block_size > limit:
         raise DeltaTuneError(f"block_size {block_size} exceeds the model's {limit} positions; set --block-size {limit}")
-

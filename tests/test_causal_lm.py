@@ -20,6 +20,7 @@ from deltatune.train import loop as training
 from deltatune.train.loop import train
 
 INIT = 0.3
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # processes draw apart: DDP compares exactly
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "under", "a", "mat", "log", "and", "then", "slept"]
 TEXT = "the cat sat on a mat and then slept . the dog ran under a log and then sat .\n" * 40
 
@@ -36,6 +37,7 @@ def _save_lm(folder: Path, kind: str) -> Any:
     init = {"initializer_range": INIT, "bos_token_id": 3, "eos_token_id": 3}
     torch.manual_seed(0)
     if kind == "gpt2":
+        init |= NO_DROPOUT
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64, **init))
     else:
         kw = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_key_value_heads": 1, **init}
@@ -177,3 +179,25 @@ def test_bad_lm_data_is_refused(corpus: Path, tmp_path: Path, text: str, options
 def test_blocks_longer_than_the_model_positions_are_refused(corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(DeltaTuneError, match="exceeds the model's 64 positions"):
         train(_cfg(corpus, tmp_path, block_size=80))
+
+
+def test_two_processes_train_the_lm_deltas_of_one_with_the_same_global_batch(corpus: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from test_ddp import _free_port
+    from test_resume import _cli_args
+
+    common = {"epochs": 2, "grad_clip": 1.0, "max_train_samples": 40}  # even: DistributedSampler pads by repeating
+    single = train(_cfg(corpus, tmp_path / "one", batch_size=8, **common))
+    cfg = _cfg(corpus, tmp_path / "two", batch_size=4, **common)
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    run += ["--master-port", str(_free_port()), "-m", "deltatune.cli", *_cli_args(cfg)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    one, two = load_file(tmp_path / "one" / "delta.safetensors"), load_file(tmp_path / "two" / "delta.safetensors")
+    assert report["world_size"] == 2 and report["perplexity"] == pytest.approx(single["perplexity"], rel=1e-5)
+    assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5

@@ -22,6 +22,7 @@ from deltatune.backbones import create_backbone
 from deltatune.checkpoint import load_delta, read_metadata, save_delta
 from deltatune.core import apply, delta_state_dict, merge, summary, trainable_parameters
 from deltatune.errors import DeltaTuneError
+from deltatune.interop.official import load_official
 from deltatune.interop.peft import load_peft, save_peft
 from deltatune.methods.pruning import prune_adapters
 from deltatune.offline import backbone as _offline_backbone  # noqa: F401  (timm.create_model("deltatune_offline_vit"))
@@ -38,6 +39,7 @@ __all__ = [
     "create_backbone",
     "delta_state_dict",
     "load_delta",
+    "load_official",
     "load_peft",
     "merge",
     "methods",

@@ -63,9 +63,10 @@ def create_backbone(
     pretrained: bool = True,
     checkpoint: str | None = None,
     img_size: int | None = None,
+    task: str = "classify",
     **kwargs: Any,
 ) -> nn.Module:
-    """A classification backbone with a fresh ``num_classes`` head.
+    """A classification backbone with a fresh ``num_classes`` head (``task="causal-lm"``: an HF causal LM as it is).
 
     Args:
         name: timm model name, ``deltatune_offline_vit``, or ``hf:NAME_OR_PATH`` (text; ``hf:all-MiniLM-L6-v2``
@@ -79,7 +80,9 @@ def create_backbone(
     if is_text_model(name):
         if checkpoint:
             raise DeltaTuneError("checkpoint: for a text model pass the model folder itself as --model hf:PATH")
-        return _create_text_model(hf_name(name), num_classes, pretrained, **kwargs)
+        return _create_text_model(hf_name(name), num_classes, pretrained, task, **kwargs)
+    if task != "classify":
+        raise DeltaTuneError(f"{task} data needs a transformers model (--model hf:NAME_OR_PATH), not {name!r}")
     if name.startswith("deltatune_offline"):
         import deltatune.offline.backbone  # noqa: F401  (registers the model with timm)
     if not timm.is_model(name):
@@ -115,16 +118,18 @@ def create_backbone(
         raise
 
 
-def _create_text_model(path: str, num_classes: int, pretrained: bool, **kwargs: Any) -> nn.Module:
+def _create_text_model(path: str, num_classes: int, pretrained: bool, task: str, **kwargs: Any) -> nn.Module:
     try:
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     except ImportError as e:
         raise DeltaTuneError("text models need transformers: pip install 'deltatune[text]'") from e
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    if auto is AutoModelForSequenceClassification:
+        kwargs["num_labels"] = num_classes  # a causal LM keeps its own vocabulary-sized LM head
     try:
         if pretrained:
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_classes, **kwargs)
-        config = AutoConfig.from_pretrained(path, num_labels=num_classes, **kwargs)
-        return AutoModelForSequenceClassification.from_config(config)
+            return auto.from_pretrained(path, **kwargs)
+        return auto.from_config(AutoConfig.from_pretrained(path, **kwargs))
     except OSError as e:
         fix = missing_hint(path) or " Give a local folder holding config.json and the weights (or a hub name online)."
         raise DeltaTuneError(f"cannot load the transformers model {path!r}: {str(e).rstrip('. ')}.{fix}") from e

@@ -5,11 +5,13 @@ A new source is a function ``source(arg, request) -> Data`` decorated with ``@re
 """
 
 from deltatune.data.images import TensorImages, check_classes, load_image
+from deltatune.data.lm import CAUSAL_LM
 from deltatune.data.pipeline import make_loader, make_transform, posterize, subsample, with_transforms
 from deltatune.data.sources import Data, Request, load_data, num_classes, register_source
 from deltatune.data.text import is_text_dataset
 
 __all__ = [
+    "CAUSAL_LM",
     "Data",
     "Request",
     "TensorImages",

@@ -26,6 +26,9 @@ class Data:
     num_classes: int
     collate: Callable | None = None
     is_text: bool = False
+    task: str = "classify"
+    """What the loss and evaluation do: "classify" (cross-entropy on labels, top-1) or "causal-lm" (next-token
+    cross-entropy on the inputs themselves, perplexity)."""
 
 
 @dataclass

@@ -67,7 +67,10 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 @register_source("text")
 def _text_folder(arg: str, req: Request) -> Data:
     """A text-classification folder: ``--data-dir`` with train and test (or val) files."""
-    return load_text(Path(req.data_dir), req.train_split, req.eval_split, **req.text_options)
+    opts = req.text_options
+    return load_text(
+        Path(req.data_dir), req.train_split, req.eval_split, opts.get("tokenizer"), opts.get("max_length", 128)
+    )
 
 
 def offline_text(task: str, req: Request) -> Data:
@@ -82,9 +85,9 @@ for _task in TEXT_TASKS:
 
 
 def is_text_dataset(name: str) -> bool:
-    """Whether the dataset ``name`` is text (a text folder or an offline text task): it needs a text model."""
+    """Whether the dataset ``name`` is text (a text folder, an offline text task, lm:PATH): it needs a text model."""
     kind, _, arg = name.lower().partition(":")
-    return name.lower() == "text" or (arg if kind == "offline" else kind) in TEXT_TASKS
+    return name.lower() == "text" or kind == "lm" or (arg if kind == "offline" else kind) in TEXT_TASKS
 
 
 def load_text(

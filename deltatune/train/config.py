@@ -38,7 +38,7 @@ class _TrainConfig:
     # Backbone and method
     model: str = "deltatune_offline_vit"
     """Backbone: a timm name (vit_base_patch16_224.augreg_in21k), deltatune_offline_vit (bundled, no download) or
-    hf:NAME_OR_PATH for a Hugging Face text model (AutoModelForSequenceClassification)."""
+    hf:NAME_OR_PATH for a Hugging Face text model (AutoModelForSequenceClassification; AutoModelForCausalLM on lm:)."""
     pretrained: bool = True
     """Load the backbone's pretrained weights (timm downloads them unless --checkpoint names a local file)."""
     checkpoint: str | None = None
@@ -52,7 +52,8 @@ class _TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     """Options of the method, as YAML: "{r: 4, alpha: 8}"; for several methods key them by method name."""
     train_head: bool = True
-    """Train a fresh classification head along with the deltas."""
+    """Train a fresh classification head along with the deltas. Causal-LM data (lm:) has no fresh head: the model's
+    LM head stays frozen whatever this says (GPT-2 ties it to the token embedding, which it would change too)."""
 
     # Phases: sequential stages (a method's own options, e.g. MiMi's pruning, come from its config: cli_options)
     stages: list[str] | None = None
@@ -64,7 +65,8 @@ class _TrainConfig:
     """Dataset: a torchvision name (cifar100, flowers102, svhn, ...), offline:TASK (bundled, no download),
     folder (ImageFolder train/ + val/ or test/), vtab[:TASK] (VTAB-1k lists), fgvc[:NAME] (VPT json splits),
     text (train/test .csv or .jsonl with text,label), offline:topics / offline:topics-mixed (bundled text tasks, for
-    hf: models) or synthetic (tiny generated images, for smoke tests)."""
+    hf: models), lm:PATH (a .txt file or folder of them: next-token loss, perplexity; hf: models) or synthetic (tiny
+    generated images, for smoke tests)."""
     data_dir: str = "data"
     """Where the dataset lives (or is downloaded to)."""
     download: bool = True
@@ -83,6 +85,8 @@ class _TrainConfig:
     """Tokenizer path or name for text models; default: the model's own."""
     max_length: int = 128
     """Text: truncate sequences to this many tokens."""
+    block_size: int = 128
+    """Causal-LM data (lm:PATH): tokens per training and evaluation block."""
 
     # Augmentation and regularisation
     train_transform: str = "auto"
@@ -249,7 +253,7 @@ class _TrainConfig:
 
 # field: (lowest, highest, strict); None is unbounded, strict excludes the bounds. None values skip the check.
 LIMITS: dict[str, tuple[float | None, float | None, bool]] = {
-    **dict.fromkeys(("epochs", "batch_size", "max_length", "img_size", "threads"), (1, None, False)),
+    **dict.fromkeys(("epochs", "batch_size", "max_length", "block_size", "img_size", "threads"), (1, None, False)),
     **dict.fromkeys(("max_train_samples", "max_eval_samples"), (1, None, False)),
     **dict.fromkeys(("num_workers", "checkpoint_every", "eval_every", "warmup_epochs"), (0, None, False)),
     **dict.fromkeys(("lr", "min_lr", "warmup_lr"), (0, 1e4, False)),  # larger overflows AdamW's float32 step
@@ -342,6 +346,7 @@ SECTIONS: dict[str, list[str]] = {
         "num_workers",
         "tokenizer",
         "max_length",
+        "block_size",
     ],
     "augmentation and regularisation": [
         "train_transform",

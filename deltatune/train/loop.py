@@ -22,7 +22,6 @@ from typing import Any
 import torch
 import yaml
 from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
@@ -53,7 +52,8 @@ from deltatune.train.phases import Phase, describe, enter_stage, plan, restore, 
 from deltatune.train.report import format_table, measure
 from deltatune.train.run_dir import resolve_output_dir, result_line
 from deltatune.train.state import prepare_output, resume_phase, resume_state, write_checkpoint, write_text
-from deltatune.train.steps import cosine_lr, epoch_line, evaluate, seed_all, to_device
+from deltatune.train.steps import cosine_lr, epoch_line, seed_all, to_device
+from deltatune.train.tasks import check_fit, criterion, evaluate, headline
 from deltatune.train.tracking import Tracker
 
 __all__ = ["TrainConfig", "build_model", "cosine_lr", "evaluate", "fit", "make_optimizer", "train"]
@@ -77,6 +77,7 @@ class Parts:
     ema: ModelEmaV3 | None = None
     tracker: Tracker | None = None
     classes: list[str] | None = None
+    task: str = "classify"
 
 
 def train(config: TrainConfig | dict[str, Any], data: Data | None = None) -> dict[str, Any]:
@@ -97,11 +98,14 @@ def train(config: TrainConfig | dict[str, Any], data: Data | None = None) -> dic
         torch.set_num_threads(threads)
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The backbone with the config's (first stage's) methods applied (seeded: identical on every process)."""
+def build_model(cfg: TrainConfig, num_classes: int, task: str = "classify") -> nn.Module:
+    """The backbone with the config's (first stage's) methods applied (seeded: identical on every process); a
+    causal LM's head is its own (tied on GPT-2), never a fresh one to train."""
     seed_all(cfg.seed)
-    model = create_backbone(cfg.model, num_classes, cfg.pretrained, cfg.checkpoint, cfg.img_size, **cfg.model_kwargs)
-    return apply(model, cfg.stage_configs()[0], head=cfg.train_head)
+    args = (cfg.model, num_classes, cfg.pretrained, cfg.checkpoint, cfg.img_size)
+    model = create_backbone(*args, task=task, **cfg.model_kwargs)
+    check_fit(model, task, cfg.block_size)
+    return apply(model, cfg.stage_configs()[0], head=cfg.train_head and task == "classify")
 
 
 def _load(cfg: TrainConfig) -> Data:
@@ -110,9 +114,11 @@ def _load(cfg: TrainConfig) -> Data:
     if text != is_text_dataset(cfg.dataset):
         raise DeltaTuneError(
             f"model {cfg.model!r} and dataset {cfg.dataset!r} do not go together: text models "
-            "(hf:...) train on --dataset text or offline:topics / offline:topics-mixed, image models on image datasets"
+            "(hf:...) train on --dataset text, lm:PATH or offline:topics / offline:topics-mixed, image models on image"
+            " datasets"
         )
     options = {"tokenizer": cfg.tokenizer or hf_name(cfg.model), "max_length": cfg.max_length} if text else {}
+    options |= {"block_size": cfg.block_size} if text else {}
     return load_data(
         cfg.dataset, cfg.data_dir, cfg.train_split, cfg.eval_split, cfg.download, cfg.seed, cfg.img_size, **options
     )
@@ -153,8 +159,7 @@ def _parts(cfg: TrainConfig, rt: Runtime, data: Data, model: nn.Module, phase: P
         if use_mixup
         else None
     )
-    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
-    p = Parts(model, train_loader, eval_loader, criterion, mixup)
+    p = Parts(model, train_loader, eval_loader, criterion(data.task, bool(mixup), cfg.smoothing), mixup, task=data.task)
     _start_phase(p, cfg, rt, phase)
     return p
 
@@ -260,9 +265,11 @@ def fit(
         record["train_images_per_s"] = seen / record["epoch_s"]
         last = epoch + 1 == phase.end
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            record.update({f"eval_{k}": v for k, v in evaluate(p.model, p.eval_loader, rt).items() if k != "n"})
+            scores = evaluate(p.model, p.eval_loader, rt, p.task)
+            record.update({f"eval_{k}": v for k, v in scores.items() if k not in ("n", "tokens")})
             if p.ema is not None:
-                record["ema_top1"] = evaluate(p.ema.module, p.eval_loader, rt)["top1"]
+                key = headline(p.task)
+                record[f"ema_{key}"] = evaluate(p.ema.module, p.eval_loader, rt, p.task)[key]
         history.append(record)
         if rt.is_main:
             with (out / "log.jsonl").open("a") as f:
@@ -343,15 +350,16 @@ def _loss(p: Parts, rt: Runtime) -> Callable[[nn.Module, Any, Tensor], Tensor]:
 
 def _report(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], phases: list[Phase]) -> dict[str, Any]:
     """The run's accuracy and setting, the same on every process (rank 0 then adds files and costs)."""
+    key = headline(p.task)
     final = {k[5:]: v for k, v in history[-1].items() if k.startswith("eval_")} if history else {}
-    if "top1" not in final:
-        final = evaluate(p.model, p.eval_loader, rt)
+    if key not in final:
+        final = evaluate(p.model, p.eval_loader, rt, p.task)
     names = [",".join(c.name for c in stage) for stage in cfg.stage_configs()]
     report: dict[str, Any] = {
         "method": " > ".join(names) if cfg.stages else "+".join(names),
         "model": cfg.model,
         "dataset": cfg.dataset,
-        "top1": final["top1"],
+        key: final[key],
         "eval_loss": final["loss"],
         "epochs": phases[-1].end,
         "phases": len(phases),
@@ -359,7 +367,7 @@ def _report(p: Parts, cfg: TrainConfig, rt: Runtime, history: list[dict], phases
         "global_batch_size": cfg.batch_size * rt.world_size,
     }
     if p.ema is not None:
-        report["ema_top1"] = history[-1].get("ema_top1") or evaluate(p.ema.module, p.eval_loader, rt)["top1"]
+        report[f"ema_{key}"] = history[-1].get(f"ema_{key}") or evaluate(p.ema.module, p.eval_loader, rt, p.task)[key]
     return report
 
 
@@ -392,7 +400,7 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     saved = prepare_output(cfg, rt, CHECKPOINT, OUTPUTS)
     data = data or _load(cfg)
     check_classes(data, f"dataset {cfg.dataset!r}")
-    model = build_model(cfg, data.num_classes)
+    model = build_model(cfg, data.num_classes, data.task)
     phases = plan(cfg, model)
     if cfg.fsdp:
         check_supported(bool(cfg.ema_decay), len(phases))
@@ -401,7 +409,8 @@ def _train(cfg: TrainConfig, rt: Runtime, data: Data | None) -> dict[str, Any]:
     if saved:
         restore(model, cfg, current, saved)
     p = _parts(cfg, rt, data, model, current)
-    p.tracker, p.classes = Tracker.for_run(cfg, rt.is_main), class_names(data, cfg.dataset)
+    p.tracker = Tracker.for_run(cfg, rt.is_main)
+    p.classes = class_names(data, cfg.dataset) if data.task == "classify" else None  # an LM's outputs are tokens
     seed_all(cfg.seed + 1000 * rt.rank)  # augmentation and dropout differ between processes
     start_epoch, history = (saved["epoch"], saved["history"]) if saved else (0, [])
     if saved:

@@ -29,6 +29,7 @@ Inputs = torch.Tensor | dict[str, torch.Tensor]
 COLUMNS: list[tuple[str, str, str]] = [
     ("method", "method", "{}"),
     ("top1", "top-1 %", "{:.2f}"),
+    ("perplexity", "perplexity", "{:.2f}"),
     ("trainable_params", "trainable params", "{:,}"),
     ("trainable_pct", "% of backbone", "{:.3f}"),
     ("delta_bytes", "delta bytes", "{:,}"),

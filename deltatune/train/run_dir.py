@@ -67,6 +67,11 @@ def _remove_outputs(out: Path, names: list[str]) -> None:
 def result_line(report: dict[str, Any], out: str | Path) -> str:
     """The one line every run prints at its end, even with --no-progress: the result and where it went."""
     return (
-        f"{report['method']}: top-1 {report['top1']:.2f}% after {report['epochs']} epochs, "
+        f"{report['method']}: {_score(report)} after {report['epochs']} epochs, "
         f"{report.get('trainable_params', 0):,} trainable parameters; wrote {out}/ (delta.safetensors, report.json)"
     )
+
+
+def _score(report: dict[str, Any]) -> str:
+    """The run's main number: perplexity for a causal LM, else top-1."""
+    return f"perplexity {report['perplexity']:.2f}" if "perplexity" in report else f"top-1 {report['top1']:.2f}%"

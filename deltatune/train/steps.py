@@ -60,4 +60,8 @@ def epoch_line(r: dict[str, Any], epochs: int) -> str:
         line += f"  top-1 {r['eval_top1']:.2f}%"
     if "ema_top1" in r:
         line += f"  ema top-1 {r['ema_top1']:.2f}%"
+    if "eval_perplexity" in r:
+        line += f"  perplexity {r['eval_perplexity']:.2f}"
+    if "ema_perplexity" in r:
+        line += f"  ema perplexity {r['ema_perplexity']:.2f}"
     return line + f"  ({r['epoch_s']:.1f} s)"

@@ -167,7 +167,11 @@ class LoRALinear(nn.Module):
             y = fast_lora.lora(self.base, x, self.lora_a, self.lora_b, self.chunks, self.scaling)
             if y is not None:
                 return y
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b[0]) * self.scaling
+        return self.base(x) + self.lora_delta(x)
+
+    def lora_delta(self, x: Tensor) -> Tensor:
+        """The update for input x: ``s B A x`` over every output row, (..., out)."""
+        return F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b[0]) * self.scaling
 
     def delta_parameters(self) -> list[nn.Parameter]:
         return [self.lora_a, self.lora_b]

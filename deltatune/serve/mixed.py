@@ -161,7 +161,8 @@ class MixedSite(nn.Module):
             m, part = per_task[pos], y[start:end]
             if m is not None and kind == "lora":
                 delta = m.lora_delta(x[start:end])
-                part = part + delta if len(m.rows) == part.shape[-1] else part.index_add(-1, m.rows, delta)
+                rows = getattr(m, "rows", None)  # a fused-qkv LoRA updates some output rows only
+                part = part + delta if rows is None or len(rows) == part.shape[-1] else part.index_add(-1, rows, delta)
             elif m is not None:
                 z = part if m.channels_last else part.movedim(1, -1)
                 z = z + m.adapter_up(m.adapter_act(m.adapter_down(z)))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from deltatune.backbones import forward
@@ -37,20 +38,31 @@ def to_device(inputs: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy over the loader (all processes' shares together)."""
+def eval_sums(
+    model: nn.Module, loader: DataLoader, rt: Runtime, per_batch: Callable[[Tensor, Tensor], list[float]]
+) -> list[float]:
+    """Sums of ``per_batch(logits, targets)`` over the loader in eval mode, all processes' shares together."""
     was_training = model.training
     model.eval()
-    correct, loss, n = 0.0, 0.0, 0.0
+    sums: list[float] = []
     for inputs, targets in loader:
         inputs, targets = to_device(inputs, rt.device), targets.to(rt.device)
         with rt.autocast():
             logits = forward(model, inputs).float()
-        correct += (logits.argmax(-1) == targets).sum().item()
-        loss += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        n += len(targets)
+        values = per_batch(logits, targets)
+        sums = [a + b for a, b in zip(sums, values)] if sums else values
     model.train(was_training)
-    correct, loss, n = all_reduce_sum(rt, [correct, loss, n])
+    return all_reduce_sum(rt, sums)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy over the loader (all processes' shares together)."""
+
+    def per_batch(logits: Tensor, targets: Tensor) -> list[float]:
+        correct = (logits.argmax(-1) == targets).sum().item()
+        return [correct, nn.functional.cross_entropy(logits, targets, reduction="sum").item(), float(len(targets))]
+
+    correct, loss, n = eval_sums(model, loader, rt, per_batch) or [0.0, 0.0, 0.0]
     return {"top1": 100.0 * correct / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
 
 

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import math
 
-import torch
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from deltatune.backbones import forward
 from deltatune.data.lm import CAUSAL_LM
 from deltatune.errors import DeltaTuneError
-from deltatune.train.distributed import Runtime, all_reduce_sum
+from deltatune.train.distributed import Runtime
+from deltatune.train.steps import eval_sums
 from deltatune.train.steps import evaluate as evaluate_classifier
-from deltatune.train.steps import to_device
 
 
 class NextTokenLoss(nn.Module):
@@ -55,21 +53,14 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, task: str = "cla
     return evaluate_lm(model, loader, rt) if task == CAUSAL_LM else evaluate_classifier(model, loader, rt)
 
 
-@torch.no_grad()
 def evaluate_lm(model: nn.Module, loader: DataLoader, rt: Runtime) -> dict[str, float]:
     """Mean next-token cross-entropy over every predicted token of the loader's blocks, and its perplexity."""
-    was_training = model.training
-    model.eval()
-    loss, tokens, n = 0.0, 0.0, 0.0
-    for inputs, targets in loader:
-        inputs, targets = to_device(inputs, rt.device), targets.to(rt.device)
-        with rt.autocast():
-            logits = forward(model, inputs).float()
-        loss += next_token_loss(logits, targets, "sum").item()
-        tokens += targets[:, 1:].numel()
-        n += len(targets)
-    model.train(was_training)
-    loss, tokens, n = all_reduce_sum(rt, [loss, tokens, n])
+
+    def per_batch(logits: Tensor, targets: Tensor) -> list[float]:
+        loss = next_token_loss(logits, targets, "sum").item()
+        return [loss, float(targets[:, 1:].numel()), float(len(targets))]
+
+    loss, tokens, n = eval_sums(model, loader, rt, per_batch) or [0.0, 0.0, 0.0]
     mean = loss / max(tokens, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(tokens), "n": int(n)}
 

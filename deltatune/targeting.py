@@ -73,8 +73,11 @@ def supports(config: Any, model: nn.Module) -> bool:
 
 
 def is_delta(module: nn.Module) -> bool:
-    """True for deltatune's wrapper modules (they satisfy ``protocols.DeltaModule``)."""
-    return isinstance(module, DeltaModule)
+    """True for deltatune's wrapper modules (they satisfy ``protocols.DeltaModule``).
+
+    A runtime Protocol check costs ~15 us; plain layers (nearly every module, and every ``innermost`` call in a
+    wrapper's forward) are turned away first by the one attribute every wrapper has."""
+    return hasattr(module, "delta_method") and isinstance(module, DeltaModule)
 
 
 def innermost(module: nn.Module) -> nn.Module:

@@ -248,10 +248,21 @@ def _images(p: Predictor, items: list[Any]) -> torch.Tensor:
 
     if all(isinstance(x, torch.Tensor) for x in items):
         return torch.stack(items)
-    # "none" keeps the training images' size; a user's images need resizing to the backbone's input.
-    kind = "resize" if p.transform == "none" else p.transform
-    tf = make_transform(kind, False, data_config(p.model, p.img_size))
+    tf = image_transform(p.model, p.transform, p.img_size)
     return torch.stack([tf(load_image(x) if isinstance(x, str) else x) for x in items])
+
+
+def image_transform(model: torch.nn.Module, kind: str, img_size: int | None = None) -> Any:
+    """The evaluation preprocessing a run used (``eval_transform``), for a user's images: PIL image -> (3, H, W).
+
+    "none" kept the training images' size; a user's images need resizing to the backbone's input instead.
+    """
+    return make_transform("resize" if kind == "none" else kind, False, data_config(model, img_size))
+
+
+def run_transform(delta: str | Path) -> str:
+    """The evaluation preprocessing recorded in the run folder beside a delta file (timm's when there is none)."""
+    return _run_config(Path(delta).parent).get("eval_transform") or "timm"
 
 
 def _texts(p: Predictor, items: list[str]) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ import torch
 
 from deltatune.checkpoint import read_metadata
 from deltatune.errors import DeltaTuneError
+from deltatune.predict import image_transform, run_transform
 from deltatune.serve.multitask import MultiTaskModel
 
 LOG = logging.getLogger("deltatune.serve")
@@ -111,14 +112,12 @@ def class_names(model: MultiTaskModel, name: str) -> list[str]:
     return [str(c) for c in names] if isinstance(names, list) and len(names) == n else [str(i) for i in range(n)]
 
 
-def preprocessor(backbone: torch.nn.Module) -> Any:
-    """timm's evaluation transform for the backbone (resize, crop, normalise): bytes -> (3, H, W) tensor."""
-    import timm.data
+def preprocessor(backbone: torch.nn.Module, kind: str = "timm") -> Any:
+    """The evaluation preprocessing ``deltatune predict`` uses (``kind``: a run's ``eval_transform``): bytes ->
+    (3, H, W) tensor, so a served task sees its images as its training run evaluated them."""
     from PIL import Image
 
-    from deltatune.backbones import data_config
-
-    transform = timm.data.create_transform(**data_config(backbone), is_training=False)
+    transform = image_transform(backbone, kind)
 
     def run(data: bytes) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as image:
@@ -134,7 +133,12 @@ def create_app(model: MultiTaskModel, max_batch: int = 16, max_wait_ms: float = 
     from fastapi.responses import JSONResponse
 
     model.eval()
-    preprocess = preprocessor(model.backbone)
+    preprocessors: dict[str, Any] = {}
+
+    def preprocess(data: bytes, task: str) -> torch.Tensor:
+        if task not in preprocessors:  # each task as its run evaluated (the demo's offline tasks: a plain resize)
+            preprocessors[task] = preprocessor(model.backbone, run_transform(model.task(task).path))
+        return preprocessors[task](data)
     batcher = Batcher(model, max_batch, max_wait_ms)
 
     @asynccontextmanager
@@ -179,7 +183,7 @@ def create_app(model: MultiTaskModel, max_batch: int = 16, max_wait_ms: float = 
         if len(data) > max_bytes:
             return error(413, f"image larger than the limit of {max_bytes} bytes (--max-upload-mb)")
         try:
-            image = preprocess(data)
+            image = preprocess(data, task)
         except Exception as e:  # PIL raises several types for bad bytes
             return error(400, f"cannot decode the uploaded file as an image ({type(e).__name__}: {str(e)[:100]})")
         probs = await batcher.submit(image, task)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from deltatune.core import apply, delta_modules
 from deltatune.errors import DeltaTuneError
+from deltatune.interop.mimi import is_mimi, load_mimi
 from deltatune.methods.ssf import SSFConfig
 from deltatune.targeting import family, matches
 
@@ -99,15 +99,30 @@ def ssf_tensors(sd: dict[str, Tensor], fam: str) -> dict[str, dict[str, Tensor]]
     return sites
 
 
-def load_official(model: nn.Module, state_dict: dict[str, Tensor] | str | os.PathLike, method: str = "ssf") -> Any:
-    """Applies deltatune SSF at the official checkpoint's sites of the timm ``model`` (ViT, Swin, ConvNeXt) and loads
-    its scales, shifts and head; the result merges and saves like any deltatune delta."""
-    if method != "ssf":
-        raise DeltaTuneError(f"load_official: method {method!r} is not supported; official checkpoints load for ssf")
+def load_official(
+    model: nn.Module, state_dict: dict[str, Tensor] | str | os.PathLike, method: str | None = None
+) -> nn.Module:
+    """Loads a checkpoint of a method's official code into the timm ``model`` as deltatune deltas plus its head.
+
+    ``method``: ``"ssf"`` (dongzelian/SSF: ViT, Swin, ConvNeXt) or ``"mimi"`` (IemProg/MiMi: ViT, Swin; see
+    ``interop.mimi``); None: told apart by the keys. The result merges and saves like any deltatune delta.
+    """
+    if method not in (None, "ssf", "mimi"):
+        raise DeltaTuneError(f"load_official: method {method!r} is not supported; give 'ssf', 'mimi' or None")
+    sd = read_state_dict(state_dict)
+    if method == "mimi" or (method is None and is_mimi(sd)):
+        load_mimi(model, sd)
+        with torch.no_grad():
+            _load_head(model, {k: v for k, v in sd.items() if k in HEADS})
+        return model
+    return _load_ssf(model, sd)
+
+
+def _load_ssf(model: nn.Module, sd: dict[str, Tensor]) -> nn.Module:
+    """Applies deltatune SSF at the official checkpoint's sites and loads its scales, shifts and head."""
     fam = family(model)
     if fam not in SITES:
         raise DeltaTuneError(f"load_official: official SSF checkpoints are for timm ViT, Swin and ConvNeXt, not {fam}")
-    sd = read_state_dict(state_dict)
     sites = ssf_tensors(sd, fam)
     head = {k: v for k, v in sd.items() if k in HEADS}
     targets = list(sites)  # names or suffixes: leave out every other module that a short name ("norm") ends

@@ -7,6 +7,8 @@ peft's LoRA and IA3 are deltatune's ``lora`` and ``ia3`` with other tensor names
     base_model.model.<site>.ia3_l (out, 1) | (1, in) ->  <site>.ia3_scale (out,) | (in,)  (in: feedforward sites)
     base_model.model.<head>.<param>                 ->  the trained head (peft's modules_to_save)
 
+PROMPT_TUNING and PREFIX_TUNING are deltatune's ``prompt`` and ``prefix`` (``interop.peft_prompts``).
+
 Per-site ranks come from the tensors themselves; ``alpha_pattern`` and ``use_rslora`` keep their meaning. Every
 option deltatune cannot reproduce exactly (DoRA, LoRA biases, layer selection, other peft types, ...) is refused
 before the model is touched. peft itself is never imported: json and safetensors only.
@@ -40,6 +42,7 @@ from deltatune.methods.ia3 import IA3, IA3Config
 from deltatune.methods.lora import LoRAConfig, LoRAFusedQKV, LoRALinear
 from deltatune.targeting import innermost
 
+EXPORTED = ("lora", "ia3", "prompt", "prefix")
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _SITE_KEY = re.compile(rf"{re.escape(PREFIX)}(.*)\.(?:lora_[AB]\.weight|ia3_l)")
 # peft options deltatune cannot reproduce: (option, what to do). Each must be absent, None, False, empty or default.
@@ -61,14 +64,15 @@ _REFUSED = {
 
 
 def load_peft(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Applies the peft LoRA, IA3 or prompt-tuning adapter saved in ``directory`` to a plain ``model`` (in place)."""
+    """Applies the peft LoRA, IA3, prompt- or prefix-tuning adapter saved in ``directory`` to a plain ``model`` (in
+    place) and returns it; see ``interop.peft_prompts`` for the prompt-learning types."""
     cfg, tensors = _read(Path(directory))
     kind = cfg.get("peft_type")
     if kind in PROMPT_TYPES:  # prompt learning: head keys lack ".model."
         check_prompt(model, cfg, tensors)
         head = _head(model, cfg, tensors, PROMPT_PREFIX)
         _check_keys(tensors, head, PROMPT_PREFIX, lambda k: k == EMBEDDINGS)
-        load_prompt(model, tensors, head)
+        load_prompt(model, cfg, tensors, head)
         _copy_head(model, tensors, head, PROMPT_PREFIX)
         return model
     head = _head(model, cfg, tensors)
@@ -107,18 +111,19 @@ def _copy_head(model: nn.Module, tensors: dict[str, Tensor], head: str | None, p
 
 
 def save_peft(model: nn.Module, directory: str | Path) -> None:
-    """Writes a model tuned with one deltatune ``lora``, ``ia3`` or ``prompt`` config as a peft adapter directory."""
+    """Writes a model tuned with one deltatune ``lora``, ``ia3``, ``prompt`` or ``prefix`` config as a peft adapter
+    directory."""
     state = state_of(model)
-    if state is None or len(state.entries) != 1 or state.entries[0].config.name not in ("lora", "ia3", "prompt"):
+    if state is None or len(state.entries) != 1 or state.entries[0].config.name not in EXPORTED:
         raise DeltaTuneError(
-            "save_peft: needs a model tuned with one lora, ia3 or prompt config (one apply, one method)"
+            f"save_peft: needs a model tuned with one config of {', '.join(EXPORTED)} (one apply, one method)"
         )
     entry, tensors = state.entries[0], {}
     head = state.head if state.head and entry.head else None
-    if entry.config.name == "prompt":
+    if entry.config.name in ("prompt", "prefix"):
         cfg, tensors = export_prompt(model, state)
         prefix = PROMPT_PREFIX
-        cfg["task_type"] = "SEQ_CLS" if head else "FEATURE_EXTRACTION"
+        cfg["task_type"] = cfg["task_type"] or ("SEQ_CLS" if head else "FEATURE_EXTRACTION")
     else:
         for name, module in delta_modules(model):
             tensors.update(_export(module, name))

@@ -11,7 +11,8 @@
 
       (p, L * 2 * w): per layer l, keys [2l w, (2l+1) w) then values, each w = kv_heads * head_dim (heads-major)
 
-A cache that already holds tokens (generation after the first step) is left alone; the mask is padded always.
+A cache that already holds tokens (generation after the first step) is left alone; the mask is padded with p ones
+and given position ids are shifted by p always, so ``generate`` sees the positions a plain forward uses.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class _DecoderWrapper(nn.Module):
             if mask.ndim != 2:
                 raise DeltaTuneError(f"{self.delta_method}: expected a 2-D attention_mask, got {tuple(mask.shape)}")
             bound["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], self.p), mask], dim=1)
+        if bound.get("position_ids") is not None:  # the caller's positions count its own tokens: p come first
+            bound["position_ids"] = bound["position_ids"] + self.p
         cache = bound.get("cache")
         return bound, cache is None or cache.get_seq_length() == 0
 
@@ -89,8 +92,12 @@ class DecoderPrompt(_DecoderWrapper):
         bound, fresh = self.bind(args, kwargs)
         if not fresh:  # the cache holds the prompts already
             return self.base(**bound)
-        if bound.get("position_ids") is not None or bound.get("token_type_ids") is not None:
-            raise DeltaTuneError("prompt: the prompts shift every position by p; call without position/token types")
+        if bound.get("token_type_ids") is not None:
+            raise DeltaTuneError("prompt: decoder prompts have no token type; call without token_type_ids")
+        positions = bound.get("position_ids")
+        if positions is not None:  # the prompts take positions 0..p-1
+            first = torch.arange(self.p, device=positions.device).expand(positions.shape[0], -1)
+            bound["position_ids"] = torch.cat([first, positions], dim=1)
         ids, embeds = bound.pop("input_ids", None), bound.get("inputs_embeds")
         embeds = self.base.get_input_embeddings()(ids) if embeds is None else embeds  # (B, L, d)
         prompt = self.prompt_tokens.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)  # (B, p, d)

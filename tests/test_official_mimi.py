@@ -102,7 +102,8 @@ def test_official_mimi_parallel_types_biases_and_shapes_are_refused_untouched() 
         "norm3": {**sd, "layers.0.blocks.0.norm3.weight": torch.ones(16)},
         "mlp_bias": {**sd, "layers.0.blocks.0.parallel_mlp1.fc1.bias": torch.ones(16)},
         "do not fit": {**sd, "layers.0.blocks.0.parallel_mlp1.fc1.weight": torch.ones(4, 7)},
-        "not a MiMi": {"head.weight": torch.ones(5, 3)},
+        "not a MiMi": {"head.bias": torch.ones(5)},
+        "num_classes=7": {**sd, "head.weight": torch.ones(7, model.num_features)},
     }
     for message, state in bad.items():
         with pytest.raises(DeltaTuneError, match=message):

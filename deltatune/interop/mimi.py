@@ -97,12 +97,17 @@ def surviving(fc1: Tensor, fc2: Tensor) -> Tensor:
     return torch.nonzero((fc1 != 0).any(1) & (fc2 != 0).any(0)).flatten()
 
 
-def load_mimi(model: nn.Module, sd: dict[str, Tensor]) -> nn.Module:
-    """Applies MiMi adapters shrunk to the official checkpoint's surviving neurons and loads them (in place)."""
+def mimi_sites(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """The checked official adapters by timm site (nothing touched): ``{site: (fc1 (h, d), fc2 (d, h))}``."""
     if family(model) not in ("vit", "swin"):
         raise DeltaTuneError(f"load_official: official MiMi checkpoints are for timm ViT and Swin, not {family(model)}")
     sites = mimi_tensors(sd)
     _check_shapes(model, sites)
+    return sites
+
+
+def load_mimi(model: nn.Module, sites: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
+    """Applies MiMi adapters shrunk to the surviving neurons of ``mimi_sites``' adapters and loads them (in place)."""
     keep = {site: surviving(fc1, fc2) for site, (fc1, fc2) in sites.items()}
     config = MiMiConfig(
         sigma=_sigma(model, sites), target_sigma=None, act="gelu", bias=False, target_modules=sorted(sites),

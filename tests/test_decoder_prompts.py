@@ -79,3 +79,11 @@ def test_gpt2_prefix_equals_a_float64_attention_over_prefixed_keys() -> None:
         got = run(model, x).double()
     rows = mask.unsqueeze(-1)  # padded rows attend to nothing real in the reference's masking; compare real tokens
     assert rel_err(got * rows, expected.detach() * rows) < 1e-5
+
+
+def test_a_decoder_takes_one_of_prompt_and_prefix() -> None:
+    for first, second in (("prompt", "prefix"), ("prefix", "prompt")):
+        model = deltatune.apply(make_backbone("gpt2"), first, **METHODS[first])
+        with pytest.raises(deltatune.DeltaTuneError, match="wrapped already"):
+            deltatune.apply(model, second, **METHODS[second])
+        assert [m.delta_method for _, m in delta_modules(model)] == [first]

@@ -93,6 +93,8 @@ def test_official_mimi_checkpoint_gives_the_official_forward_with_shrunk_adapter
         deltatune.save_delta(tuned, tmp_path / "delta.safetensors")
         reloaded = deltatune.load_delta(make_backbone(kind), tmp_path / "delta.safetensors").eval()
         assert torch.equal(reloaded(x), tuned(x))
+        with pytest.warns(UserWarning, match="cannot be merged"):  # adapters stay (a GELU between the matrices)
+            assert rel_err(deltatune.merge(tuned)(x).double(), expected) < 1e-5
 
 
 def test_official_mimi_parallel_types_biases_and_shapes_are_refused_untouched() -> None:

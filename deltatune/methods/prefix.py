@@ -93,7 +93,7 @@ class PrefixConfig:
             raise DeltaTuneError(f"prefix: on decoder LMs the prefixes fill every layer's cache; target {site!r} only")
         base = getattr(model, site)
         if is_delta(base):
-            raise DeltaTuneError("prefix: the decoder stack is wrapped already (prompt?); one of them per decoder LM")
+            raise DeltaTuneError("prefix: the decoder stack is wrapped already (prompt or prefix); one per decoder LM")
         ref = next(base.parameters())
         layers, heads, head_dim = kv_shape(base.config)
         shared = PrefixMLP(self, layers * 2 * heads * head_dim, ref) if self.reparameterize else None

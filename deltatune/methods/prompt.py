@@ -119,7 +119,7 @@ class PromptConfig:
             )
         site = decoder_stack(model)
         if is_delta(getattr(model, site)):
-            raise DeltaTuneError("prompt: the decoder is wrapped already; apply 'prompt' once and before 'prefix'")
+            raise DeltaTuneError("prompt: the decoder stack is wrapped already (prompt or prefix); one per decoder LM")
         stack = getattr(model, site)
         set_module(model, site, DecoderPrompt(stack, self._init(stack, stack.get_input_embeddings())))
         return Applied([site])

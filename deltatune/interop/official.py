@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from deltatune.core import apply, delta_modules
 from deltatune.errors import DeltaTuneError
+from deltatune.interop.mimi import is_mimi, load_mimi, mimi_sites
 from deltatune.methods.ssf import SSFConfig
 from deltatune.targeting import family, matches
 
@@ -99,17 +100,42 @@ def ssf_tensors(sd: dict[str, Tensor], fam: str) -> dict[str, dict[str, Tensor]]
     return sites
 
 
-def load_official(model: nn.Module, state_dict: dict[str, Tensor] | str | os.PathLike, method: str = "ssf") -> Any:
-    """Applies deltatune SSF at the official checkpoint's sites of the timm ``model`` (ViT, Swin, ConvNeXt) and loads
-    its scales, shifts and head; the result merges and saves like any deltatune delta."""
-    if method != "ssf":
-        raise DeltaTuneError(f"load_official: method {method!r} is not supported; official checkpoints load for ssf")
+def load_official(
+    model: nn.Module, state_dict: dict[str, Tensor] | str | os.PathLike, method: str | None = None
+) -> nn.Module:
+    """Loads a checkpoint of a method's official code into the timm ``model`` as deltatune deltas plus its head.
+
+    ``method``: ``"ssf"`` (dongzelian/SSF: ViT, Swin, ConvNeXt) or ``"mimi"`` (IemProg/MiMi: ViT, Swin; see
+    ``interop.mimi``); None: told apart by the keys. The result merges and saves like any deltatune delta.
+    """
+    if method not in (None, "ssf", "mimi"):
+        raise DeltaTuneError(f"load_official: method {method!r} is not supported; give 'ssf', 'mimi' or None")
+    sd = read_state_dict(state_dict)
+    head = {k: v for k, v in sd.items() if k in HEADS}
+    mimi = method == "mimi" or (method is None and is_mimi(sd))
+    sites: Any = mimi_sites(model, sd) if mimi else _ssf_sites(model, sd)
+    _head_params(model, head)  # everything is checked before the model is touched
+    if mimi:
+        load_mimi(model, sites)
+    else:
+        _load_ssf(model, sites)
+    with torch.no_grad():
+        for param, value in _head_params(model, head):
+            param.copy_(value)
+    return model
+
+
+def _ssf_sites(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """The official SSF tensors by timm site, for a model family the official code has."""
     fam = family(model)
     if fam not in SITES:
         raise DeltaTuneError(f"load_official: official SSF checkpoints are for timm ViT, Swin and ConvNeXt, not {fam}")
-    sd = read_state_dict(state_dict)
-    sites = ssf_tensors(sd, fam)
-    head = {k: v for k, v in sd.items() if k in HEADS}
+    return ssf_tensors(sd, fam)
+
+
+def _load_ssf(model: nn.Module, sites: dict[str, dict[str, Tensor]]) -> nn.Module:
+    """Applies deltatune SSF at the official checkpoint's sites and loads its scales and shifts."""
+    fam = family(model)
     targets = list(sites)  # names or suffixes: leave out every other module that a short name ("norm") ends
     others = [n for n, _ in model.named_modules() if n and n not in sites and matches(n, targets)]
     apply(model, SSFConfig(target_modules=targets, exclude_modules=others), head=True)
@@ -121,7 +147,6 @@ def load_official(model: nn.Module, state_dict: dict[str, Tensor] | str | os.Pat
         for site, t in sites.items():
             _copy(wrapped[site].ssf_scale, t["scale"], f"{site} scale")
             _copy(wrapped[site].ssf_shift, t["shift"], f"{site} shift")
-        _load_head(model, head)
     return model
 
 
@@ -131,11 +156,14 @@ def _copy(param: Tensor, value: Tensor, what: str) -> None:
     param.copy_(value)
 
 
-def _load_head(model: nn.Module, head: dict[str, Tensor]) -> None:
-    """The official head (``head`` in its ViT/Swin, ``head.fc`` in ConvNeXt) into timm's classifier."""
+def _head_params(model: nn.Module, head: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """The official head (``head`` in its ViT/Swin, ``head.fc`` in ConvNeXt) paired with timm's classifier's
+    parameters; refuses a head of another shape."""
     if not head:
-        return
-    classifier = model.get_classifier()
+        return []
+    if not hasattr(model, "get_classifier"):
+        raise DeltaTuneError(f"load_official: official checkpoints load into timm models, not {type(model).__name__}")
+    classifier, pairs = model.get_classifier(), []
     for name, value in head.items():
         param = getattr(classifier, name.rsplit(".", 1)[1])
         if param.shape != value.shape:
@@ -143,4 +171,5 @@ def _load_head(model: nn.Module, head: dict[str, Tensor]) -> None:
                 f"official {name} has shape {tuple(value.shape)}, the model's head {tuple(param.shape)}: create the"
                 f" model with num_classes={value.shape[0]}"
             )
-        param.copy_(value)
+        pairs.append((param, value))
+    return pairs

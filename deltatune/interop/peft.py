@@ -7,6 +7,8 @@ peft's LoRA and IA3 are deltatune's ``lora`` and ``ia3`` with other tensor names
     base_model.model.<site>.ia3_l (out, 1) | (1, in) ->  <site>.ia3_scale (out,) | (in,)  (in: feedforward sites)
     base_model.model.<head>.<param>                 ->  the trained head (peft's modules_to_save)
 
+PROMPT_TUNING and PREFIX_TUNING are deltatune's ``prompt`` and ``prefix`` (``interop.peft_prompts``).
+
 Per-site ranks come from the tensors themselves; ``alpha_pattern`` and ``use_rslora`` keep their meaning. Every
 option deltatune cannot reproduce exactly (DoRA, LoRA biases, layer selection, other peft types, ...) is refused
 before the model is touched. peft itself is never imported: json and safetensors only.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +30,19 @@ from torch import Tensor, nn
 from deltatune._layers import is_conv1d
 from deltatune.core import apply, delta_modules, state_of
 from deltatune.errors import DeltaTuneError
+from deltatune.interop.peft_prompts import (
+    EMBEDDINGS,
+    PROMPT_PREFIX,
+    PROMPT_TYPES,
+    check_prompt,
+    export_prompt,
+    load_prompt,
+)
 from deltatune.methods.ia3 import IA3, IA3Config
 from deltatune.methods.lora import LoRAConfig, LoRAFusedQKV, LoRALinear
 from deltatune.targeting import innermost
 
+EXPORTED = ("lora", "ia3", "prompt", "prefix")
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _SITE_KEY = re.compile(rf"{re.escape(PREFIX)}(.*)\.(?:lora_[AB]\.weight|ia3_l)")
 # peft options deltatune cannot reproduce: (option, what to do). Each must be absent, None, False, empty or default.
@@ -52,9 +64,17 @@ _REFUSED = {
 
 
 def load_peft(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Applies the peft LoRA or IA3 adapter saved in ``directory`` to a plain ``model`` (in place) and returns it."""
+    """Applies the peft LoRA, IA3, prompt- or prefix-tuning adapter saved in ``directory`` to a plain ``model`` (in
+    place) and returns it; see ``interop.peft_prompts`` for the prompt-learning types."""
     cfg, tensors = _read(Path(directory))
     kind = cfg.get("peft_type")
+    if kind in PROMPT_TYPES:  # prompt learning: head keys lack ".model."
+        check_prompt(model, cfg, tensors)
+        head = _head(model, cfg, tensors, PROMPT_PREFIX)
+        _check_keys(tensors, head, PROMPT_PREFIX, lambda k: k == EMBEDDINGS)
+        load_prompt(model, cfg, tensors, head)
+        _copy_head(model, tensors, head, PROMPT_PREFIX)
+        return model
     head = _head(model, cfg, tensors)
     _check_keys(tensors, head)
     sites = {m.group(1) for k in tensors if (m := _SITE_KEY.fullmatch(k))}
@@ -71,33 +91,49 @@ def load_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         config = IA3Config(target_modules=sorted(sites), feedforward_modules=ff, fused_qkv_modules=[])
     else:
         raise DeltaTuneError(
-            f"load_peft: peft_type {kind!r} is not supported (LORA and IA3 are); merge it with peft "
+            f"load_peft: peft_type {kind!r} is not supported (LORA, IA3 and PROMPT_TUNING are); merge it with peft "
             f"(model.merge_and_unload()) or retrain it with deltatune"
         )
     apply(model, config, head=head or False)
     with torch.no_grad():
         for name, module in delta_modules(model):
             _copy_in(module, name, tensors)
-        for key, tensor in tensors.items():
-            if head and key.startswith(f"{PREFIX}{head}."):
-                model.get_parameter(key[len(PREFIX) :]).copy_(tensor)
+    _copy_head(model, tensors, head)
     return model
 
 
+def _copy_head(model: nn.Module, tensors: dict[str, Tensor], head: str | None, prefix: str = PREFIX) -> None:
+    """The head's tensors (peft's modules_to_save) into the model."""
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            if head and key.startswith(f"{prefix}{head}."):
+                model.get_parameter(key[len(prefix) :]).copy_(tensor)
+
+
 def save_peft(model: nn.Module, directory: str | Path) -> None:
-    """Writes a model tuned with one deltatune ``lora`` or ``ia3`` config as a peft adapter directory."""
+    """Writes a model tuned with one deltatune ``lora``, ``ia3``, ``prompt`` or ``prefix`` config as a peft adapter
+    directory."""
     state = state_of(model)
-    if state is None or len(state.entries) != 1 or state.entries[0].config.name not in ("lora", "ia3"):
-        raise DeltaTuneError("save_peft: needs a model tuned with one lora or ia3 config (one apply, one method)")
+    if state is None or len(state.entries) != 1 or state.entries[0].config.name not in EXPORTED:
+        raise DeltaTuneError(
+            f"save_peft: needs a model tuned with one config of {', '.join(EXPORTED)} (one apply, one method)"
+        )
     entry, tensors = state.entries[0], {}
-    for name, module in delta_modules(model):
-        tensors.update(_export(module, name))
-    if state.head and entry.head:
-        head = model.get_submodule(state.head).state_dict()
-        tensors.update({f"{PREFIX}{state.head}.{k}": v for k, v in head.items()})
-    cfg = _lora_config(model, entry.config) if entry.config.name == "lora" else _ia3_config(model)
-    cfg.update(modules_to_save=[state.head] if state.head and entry.head else None, base_model_name_or_path=None)
-    cfg.update(task_type=None, inference_mode=True, peft_version=None)
+    head = state.head if state.head and entry.head else None
+    if entry.config.name in ("prompt", "prefix"):
+        cfg, tensors = export_prompt(model, state)
+        prefix = PROMPT_PREFIX
+        cfg["task_type"] = cfg["task_type"] or ("SEQ_CLS" if head else "FEATURE_EXTRACTION")
+    else:
+        for name, module in delta_modules(model):
+            tensors.update(_export(module, name))
+        cfg = _lora_config(model, entry.config) if entry.config.name == "lora" else _ia3_config(model)
+        prefix = PREFIX
+        cfg["task_type"] = None
+    if head:
+        tensors.update({f"{prefix}{head}.{k}": v for k, v in model.get_submodule(head).state_dict().items()})
+    cfg.update(modules_to_save=[head] if head else None, base_model_name_or_path=None)
+    cfg.update(inference_mode=True, peft_version=None)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG).write_text(json.dumps(cfg, indent=2))
@@ -124,13 +160,13 @@ def _check_lora(cfg: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         raise DeltaTuneError(f"load_peft: {odd[0]} is not a Linear/Conv1D LoRA (embedding or conv LoRA unsupported)")
 
 
-def _head(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, Tensor]) -> str | None:
+def _head(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, Tensor], prefix: str = PREFIX) -> str | None:
     """The one module peft saved whole (modules_to_save), which deltatune trains as the head; None if none."""
     wanted = cfg.get("modules_to_save") or []
     saved = sorted(
         n
         for n, _ in model.named_modules()
-        if any(n == m or n.endswith("." + m) for m in wanted) and any(k.startswith(f"{PREFIX}{n}.") for k in tensors)
+        if any(n == m or n.endswith("." + m) for m in wanted) and any(k.startswith(f"{prefix}{n}.") for k in tensors)
     )
     if len(saved) > 1 or (wanted and not saved):
         raise DeltaTuneError(
@@ -140,9 +176,13 @@ def _head(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, Tensor]) -> 
     return saved[0] if saved else None
 
 
-def _check_keys(tensors: dict[str, Tensor], head: str | None) -> None:
-    """Every tensor is a LoRA/IA3 tensor or the head's: anything else would be left behind, so nothing loads."""
-    extra = [k for k in tensors if not _SITE_KEY.fullmatch(k) and not (head and k.startswith(f"{PREFIX}{head}."))]
+def _check_keys(
+    tensors: dict[str, Tensor], head: str | None, prefix: str = PREFIX, known: Callable[[str], bool] | None = None
+) -> None:
+    """Every tensor is the method's (LoRA/IA3 by default) or the head's: anything else would be left behind, so
+    nothing loads."""
+    known = known or (lambda k: bool(_SITE_KEY.fullmatch(k)))
+    extra = [k for k in tensors if not known(k) and not (head and k.startswith(f"{prefix}{head}."))]
     if extra:
         raise DeltaTuneError(f"load_peft: the file holds tensors deltatune cannot place ({extra[:3]}); nothing loaded")
 

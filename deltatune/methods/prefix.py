@@ -14,9 +14,10 @@ They are trained through a reparameterisation shared by all layers (as Li & Lian
 2 L p d_attn parameters instead of p e + m e + m + 2 L d_attn (m + 1)). The prefixes stay in the model: prefix
 tuning is not mergeable into the backbone's weights, so ``deltatune.merge`` still warns about it.
 
-Sites: timm ViT ``attn`` (``Attention``) and HF BERT-family ``attention.self``. The wrapper recomputes the attention
-from the wrapped module's own layers (qkv/query/key/value, q/k norms, proj), so methods on those inner layers must be
-applied before ``prefix`` (in an earlier stage or earlier in the same list).
+Sites: timm ViT ``attn`` (``Attention``) and HF BERT-family ``attention.self``; on HF decoder LMs (GPT-2, Llama)
+one ``DecoderPrefix`` fills every layer's KV cache instead (``methods._decoder``, peft's PREFIX_TUNING form). The
+attention wrapper recomputes the attention from the wrapped module's own layers (qkv/query/key/value, q/k norms,
+proj), so methods on those inner layers must be applied before ``prefix`` (in an earlier stage or the same list).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from torch import Tensor, nn
 
 from deltatune.core import Applied, delta_modules, state_of
 from deltatune.errors import DeltaTuneError
+from deltatune.methods._decoder import DECODERS, DecoderPrefix, decoder_stack, kv_shape
 from deltatune.numerics import round_to
 from deltatune.registry import register
-from deltatune.targeting import Targets, config_sites, family, innermost, set_module
+from deltatune.targeting import Targets, config_sites, family, innermost, is_delta, matches, set_module
 
 PRESETS: dict[str, Targets] = {"vit": ["attn"], "bert": r".*attention\.self"}
 
@@ -58,7 +60,7 @@ class PrefixConfig:
     """Sites to leave out (wins over target_modules)."""
 
     mergeable: ClassVar[bool] = False
-    families: ClassVar[frozenset[str] | None] = frozenset(PRESETS)
+    families: ClassVar[frozenset[str] | None] = frozenset({*PRESETS, *DECODERS})
     name: ClassVar[str]
 
     def __post_init__(self) -> None:
@@ -67,6 +69,8 @@ class PrefixConfig:
 
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         """Wraps every attention module in a ``PrefixAttention``; one ``PrefixMLP`` serves them all."""
+        if family(model) in DECODERS:
+            return self._apply_decoder(model)
         if family(model) not in PRESETS and self.target_modules is None:
             raise DeltaTuneError(
                 f"prefix supports timm ViT/DeiT and HF BERT-family encoders, not {type(model).__name__}"
@@ -81,6 +85,20 @@ class PrefixConfig:
             set_module(model, name, PrefixAttention(module, self.num_tokens, width, shared, offset, ref))
             offset += 2 * width
         return Applied([n for n, _ in sites])
+
+    def _apply_decoder(self, model: nn.Module) -> Applied:
+        """HF decoder LMs: one ``DecoderPrefix`` on the decoder stack fills every layer's KV cache."""
+        site = decoder_stack(model)
+        if not matches(site, self.target_modules or [site]) or matches(site, self.exclude_modules or []):
+            raise DeltaTuneError(f"prefix: on decoder LMs the prefixes fill every layer's cache; target {site!r} only")
+        base = getattr(model, site)
+        if is_delta(base):
+            raise DeltaTuneError("prefix: the decoder stack is wrapped already (prompt or prefix); one per decoder LM")
+        ref = next(base.parameters())
+        layers, heads, head_dim = kv_shape(base.config)
+        shared = PrefixMLP(self, layers * 2 * heads * head_dim, ref) if self.reparameterize else None
+        set_module(model, site, DecoderPrefix(base, self.num_tokens, shared, ref))
+        return Applied([site])
 
     def stored_form(self, model: nn.Module) -> nn.Module | None:
         """Training hook: a delta file holds the prefixes with the reparameterising MLP folded away (a copy; the
@@ -114,6 +132,12 @@ class PrefixMLP(nn.Module):
         """Columns ``start:stop`` of the MLP's output, computing only those: (p, stop - start)."""
         h = torch.tanh(self.prefix_hidden(self.prefix_embed))  # (p, m)
         return F.linear(h, self.prefix_out.weight[start:stop], self.prefix_out.bias[start:stop])
+
+    def exact_rows(self, start: int, stop: int) -> Tensor:
+        """``rows`` computed in float64 (for folding the MLP away: round once, afterwards)."""
+        h = torch.tanh(F.linear(self.prefix_embed.double(), self.prefix_hidden.weight.double(),
+                                self.prefix_hidden.bias.double()))  # fmt: skip
+        return F.linear(h, self.prefix_out.weight[start:stop].double(), self.prefix_out.bias[start:stop].double())
 
 
 class PrefixAttention(nn.Module):
@@ -192,11 +216,7 @@ class PrefixAttention(nn.Module):
         """
         if hasattr(self, "prefix_mlp"):
             mlp = self.prefix_mlp
-            h = torch.tanh(
-                F.linear(mlp.prefix_embed.double(), mlp.prefix_hidden.weight.double(), mlp.prefix_hidden.bias.double())
-            )
-            rows = slice(self.offset, self.offset + 2 * self.width)
-            kv = F.linear(h, mlp.prefix_out.weight[rows].double(), mlp.prefix_out.bias[rows].double())
+            kv = mlp.exact_rows(self.offset, self.offset + 2 * self.width)
             kv = round_to(kv.unflatten(-1, (2, -1)).transpose(0, 1), mlp.prefix_embed.dtype)  # (2, p, width)
             del self.prefix_mlp
             self.prefix_kv = nn.Parameter(kv.contiguous(), requires_grad=False)
@@ -207,7 +227,7 @@ def fold_prefixes(model: nn.Module) -> nn.Module:
     """Folds a trained model's reparameterising MLP into each layer's prefixes, in place (outputs unchanged), and
     records ``reparameterize=False``: a delta file then stores p x 2d per layer instead of the MLP."""
     for _, module in delta_modules(model):
-        if isinstance(module, PrefixAttention):
+        if module.delta_method == "prefix":  # PrefixAttention, DecoderPrefix
             module.merge()
     for entry in state_of(model).entries if state_of(model) else []:
         if isinstance(entry.config, PrefixConfig) and entry.config.reparameterize:

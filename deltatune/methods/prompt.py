@@ -16,6 +16,9 @@ wrapper on ``embeddings`` inserts P at one of two points:
   LayerNorm, at ``insert_at`` (default 1, after [CLS], so BERT's pooler still reads [CLS]). The prompts carry no
   position, and the real tokens keep theirs.
 
+HF decoder LMs (GPT-2, Llama) take ``insert="input"`` (at 0) only: one wrapper on the decoder stack prepends the
+prompts to the input embeddings and drops their outputs (``methods._decoder``; peft's prompt tuning).
+
 Init: ``init="vocab"`` (OpenDelta's default) copies word-embedding rows 0..p-1 (cycled if p exceeds the vocabulary;
 models without a vocabulary, e.g. HF ViT, fall back to uniform); ``init="uniform"``: U(-init_range, init_range).
 A forward pre-hook on the encoder model pads a 2-D ``attention_mask`` to match; the hook does nothing once the
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
+from deltatune.methods._decoder import DECODERS, DecoderPrompt, decoder_stack
 from deltatune.registry import register, require
 from deltatune.targeting import family, is_delta, set_module
 
@@ -59,7 +63,7 @@ class PromptConfig:
     """Position of the first prompt token; None: 0 for insert="input" (peft), 1 (after [CLS]) for "output"."""
 
     mergeable: ClassVar[bool] = False
-    families: ClassVar[frozenset[str] | None] = frozenset({"bert"})  # input embeddings of HF text encoders
+    families: ClassVar[frozenset[str] | None] = frozenset({"bert", *DECODERS})  # HF text encoders and decoder LMs
     name: ClassVar[str]
 
     def __post_init__(self) -> None:
@@ -73,8 +77,14 @@ class PromptConfig:
         """Where the first prompt token goes."""
         return self.insert_at if self.insert_at is not None else (0 if self.insert == "input" else 1)
 
+    def applies_to(self, model: nn.Module) -> bool:
+        """Decoder LMs take prompts only before their input embeddings, at 0: insert="input", insert_at 0."""
+        return family(model) not in DECODERS or (self.insert == "input" and self.position == 0)
+
     def apply(self, model: nn.Module, skip: tuple[str, ...]) -> Applied:
         """Wraps the encoder's ``embeddings`` in a ``SoftPrompt`` and hooks the encoder model to pad its mask."""
+        if family(model) in DECODERS:
+            return self._apply_decoder(model)
         encoders = [
             (n, m)
             for n, m in model.named_modules()
@@ -99,6 +109,20 @@ class PromptConfig:
             sites.append(site)
         return Applied(sites)
 
+
+    def _apply_decoder(self, model: nn.Module) -> Applied:
+        """HF decoder LMs (GPT-2, Llama): one ``DecoderPrompt`` on the decoder stack (peft's prompt tuning)."""
+        if not self.applies_to(model):
+            raise DeltaTuneError(
+                f"prompt: decoder LMs ({type(model).__name__}) take prompts before their input embeddings only; "
+                f"apply with insert='input' (insert_at 0)"
+            )
+        site = decoder_stack(model)
+        if is_delta(getattr(model, site)):
+            raise DeltaTuneError("prompt: the decoder stack is wrapped already (prompt or prefix); one per decoder LM")
+        stack = getattr(model, site)
+        set_module(model, site, DecoderPrompt(stack, self._init(stack, stack.get_input_embeddings())))
+        return Applied([site])
 
     def _init(self, encoder: nn.Module, word: nn.Module | None) -> Tensor:
         """(p, d) initial prompts: word-embedding rows 0..p-1 (cycled), or uniform."""

@@ -64,7 +64,7 @@ def test_every_method_has_a_loss_test() -> None:
 def wide_frozen_head(monkeypatch: pytest.MonkeyPatch) -> None:
     """train() builds timm backbones whose fresh head is N(0, 0.5), as conftest.make_backbone does: a frozen head at
     timm's 0.02 scale passes so little signal back that bitfit or VPT cannot move the loss in a few steps."""
-    from deltatune.train import loop as training
+    from deltatune.train import setup as training
 
     def create(*args: object, **kwargs: object) -> torch.nn.Module:
         model = create_backbone(*args, **kwargs)

@@ -1,0 +1,81 @@
+"""Gradient checkpointing through the delta wrappers: with it on (HF non-reentrant and reentrant, timm's), every
+method gives the same loss and delta gradients as without, in train mode with dropout, on ViT, BERT, GPT-2, Llama."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_backbone, make_input, perturb_deltas, run
+from torch import nn
+
+import deltatune
+from deltatune import kernels
+from deltatune.registry import make_config
+from deltatune.targeting import supports
+
+KINDS = ("vit", "bert", "gpt2", "llama")
+OPTIONS = {"phm-adapter": {"n": 4}}
+MODES = {"vit": ("timm",), **{k: ("plain", "reentrant") for k in ("bert", "gpt2", "llama")}}
+
+
+def _cases() -> list[tuple[str, str, str]]:
+    """(method, backbone, checkpointing mode) for every method a backbone supports."""
+    models = {k: make_backbone(k) for k in KINDS}
+    out = []
+    for method in deltatune.methods():
+        config = make_config(method, **OPTIONS.get(method, {}))
+        out += [(method, k, mode) for k in KINDS if supports(config, models[k]) for mode in MODES[k]]
+    return out
+
+
+def enable_checkpointing(model: nn.Module, mode: str) -> None:
+    """Switches on the backbone's own gradient checkpointing (timm's, or HF's with or without re-entrant autograd)."""
+    if mode == "timm":
+        model.set_grad_checkpointing(True)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_enable
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+
+
+def loss_and_grads(model: nn.Module, x: Any, seed: int = 5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A train-mode loss (dropout on, drawn from ``seed``) and every trainable tensor's gradient."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = run(model, x).float().square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _tuned(method: str, kind: str) -> nn.Module:
+    model = deltatune.apply(make_backbone(kind), method, **OPTIONS.get(method, {}))
+    perturb_deltas(model, std=0.05)
+    return model
+
+
+def _compare(plain: nn.Module, mode: str, x: Any) -> None:
+    ckpt = copy.deepcopy(plain)
+    enable_checkpointing(ckpt, mode)
+    loss, grads = loss_and_grads(plain, x)
+    loss_c, grads_c = loss_and_grads(ckpt, x)
+    assert torch.allclose(loss_c, loss, rtol=1e-5, atol=1e-7)
+    assert grads_c.keys() == grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(grads_c[name], g, rtol=1e-4, atol=1e-6 * g.abs().max().item()), name
+
+
+@pytest.mark.parametrize("method,kind,mode", _cases())
+def test_checkpointing_gives_the_same_loss_and_gradients(method: str, kind: str, mode: str) -> None:
+    _compare(_tuned(method, kind), mode, make_input(kind))
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("kind,mode", [("vit", "timm"), ("gpt2", "plain"), ("gpt2", "reentrant")])
+def test_lora_input_recompute_under_checkpointing(kind: str, mode: str, recompute: bool) -> None:
+    with kernels.recompute_inputs(recompute):
+        _compare(_tuned("lora", kind), mode, make_input(kind))

@@ -4,10 +4,11 @@ method gives the same loss and delta gradients as without, in train mode with dr
 from __future__ import annotations
 
 import copy
-import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import timm
 import torch
 from conftest import make_backbone, make_input, perturb_deltas, run
 from torch import nn
@@ -16,6 +17,7 @@ import deltatune
 from deltatune import kernels
 from deltatune.registry import make_config
 from deltatune.targeting import supports
+from deltatune.train.memory import enable_grad_checkpointing
 
 KINDS = ("vit", "bert", "gpt2", "llama")
 OPTIONS = {"phm-adapter": {"n": 4}}
@@ -32,14 +34,18 @@ def _cases() -> list[tuple[str, str, str]]:
     return out
 
 
+@pytest.fixture
+def timm_reentrant() -> Iterator[None]:
+    """timm's checkpoint_seq with re-entrant autograd (its global switch), put back after the test."""
+    before = timm.layers.use_reentrant_ckpt()
+    timm.layers.set_reentrant_ckpt(True)
+    yield
+    timm.layers.set_reentrant_ckpt(before)
+
+
 def enable_checkpointing(model: nn.Module, mode: str) -> None:
-    """Switches on the backbone's own gradient checkpointing (timm's, or HF's with or without re-entrant autograd)."""
-    if mode == "timm":
-        model.set_grad_checkpointing(True)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_enable
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+    """Checkpointing through deltatune: timm's own, or HF's with or without re-entrant autograd."""
+    enable_grad_checkpointing(model, use_reentrant=mode == "reentrant")
 
 
 def loss_and_grads(model: nn.Module, x: Any, seed: int = 5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -79,3 +85,30 @@ def test_checkpointing_gives_the_same_loss_and_gradients(method: str, kind: str,
 def test_lora_input_recompute_under_checkpointing(kind: str, mode: str, recompute: bool) -> None:
     with kernels.recompute_inputs(recompute):
         _compare(_tuned("lora", kind), mode, make_input(kind))
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "prefix", "vpt-deep", "ssf"])
+def test_timm_reentrant_checkpointing_still_trains_the_deltas(method: str, timm_reentrant: None) -> None:
+    """Re-entrant blocks pass gradients only if their input requires grad: timm's frozen stem output is made to."""
+    _compare(_tuned(method, "vit"), "timm", make_input("vit"))
+
+
+def test_reentrant_timm_without_deltatune_loses_the_gradients(timm_reentrant: None) -> None:
+    """Why the stem hook exists: timm's own switch alone leaves LoRA inside the blocks without gradients."""
+    model = _tuned("lora", "vit")
+    model.set_grad_checkpointing(True)
+    with pytest.warns(UserWarning, match="requires_grad"):
+        _, grads = loss_and_grads_or_none(model, make_input("vit"))
+    assert any(g is None for g in grads.values())
+
+
+def loss_and_grads_or_none(model: nn.Module, x: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    model.train()
+    loss = run(model, x).square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_checkpointing_refuses_a_model_without_it() -> None:
+    with pytest.raises(deltatune.DeltaTuneError, match="gradient checkpointing"):
+        enable_grad_checkpointing(nn.Sequential(nn.Linear(2, 2)))

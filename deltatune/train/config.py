@@ -13,8 +13,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from deltatune._precision import as_dtype
+from deltatune.core import BN_STATS
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import make_config
+from deltatune.train.memory import PRECISIONS
 from deltatune.train.options import (
     coerce,
     flag,
@@ -132,6 +135,16 @@ class _TrainConfig:
     """Clip the global gradient norm to this value."""
     amp: bool | None = None
     """bfloat16 autocast; default: on for CUDA, off on CPU."""
+    precision: str = "fp32"
+    """The backbone's weights: fp32, or bf16 (the frozen weights held in bfloat16: half their memory)."""
+    delta_dtype: str | None = None
+    """dtype of the trained tensors (deltas, head): float32 or bf16; default: float32, kept apart from a bf16
+    backbone and cast where used (bf16 deltas lose updates below half a bfloat16 ulp)."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (timm and HF backbones)."""
+    bn_stats: str = "delta"
+    """BatchNorm running statistics: delta (they update in training and are saved in the delta file) or frozen (the
+    backbone's, never changed)."""
 
     # Run
     seed: int = 0
@@ -181,6 +194,9 @@ class _TrainConfig:
         for name, limits in LIMITS.items():
             check_range(name, getattr(self, name), *limits)
         check_model_kwargs(self.model_kwargs)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("bn_stats", self.bn_stats, BN_STATS)
+        as_dtype(self.delta_dtype)
         if (self.mixup or self.cutmix) and self.batch_size % 2:
             raise DeltaTuneError(f"mixup/cutmix pair up images: batch_size must be even, got {self.batch_size}")
         self.method_configs()  # validates method names and options now, not after the data is loaded
@@ -294,6 +310,12 @@ def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
+def check_choice(name: str, value: str, choices: Any) -> None:
+    """Refuses a value not among ``choices``, naming the option and them."""
+    if value not in choices:
+        raise DeltaTuneError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def check_range(name: str, value: Any, low: float | None, high: float | None, strict: bool) -> None:
     """Refuses ``value`` outside [low, high] ((low, high) when ``strict``), naming the option and the range."""
     if value is None:
@@ -370,6 +392,10 @@ SECTIONS: dict[str, list[str]] = {
         "weight_decay",
         "grad_clip",
         "amp",
+        "precision",
+        "delta_dtype",
+        "grad_checkpointing",
+        "bn_stats",
     ],
     "run": [
         "seed",

@@ -26,6 +26,7 @@ from deltatune.errors import DeltaTuneError
 from deltatune.train.config import TrainConfig
 from deltatune.train.distributed import Runtime
 from deltatune.train.fsdp import shard
+from deltatune.train.memory import backbone_to, delta_dtype, enable_grad_checkpointing
 from deltatune.train.phases import Phase
 from deltatune.train.steps import cosine_lr, seed_all
 from deltatune.train.tasks import check_fit, criterion
@@ -57,7 +58,11 @@ def build_model(cfg: TrainConfig, num_classes: int, task: str = "classify") -> n
     args = (cfg.model, num_classes, cfg.pretrained, cfg.checkpoint, cfg.img_size)
     model = create_backbone(*args, task=task, **cfg.model_kwargs)
     check_fit(model, task, cfg.block_size)
-    return apply(model, cfg.stage_configs()[0], head=cfg.train_head and task == "classify")
+    backbone_to(model, cfg.precision)
+    head = cfg.train_head and task == "classify"
+    dtype = delta_dtype(cfg.precision, cfg.delta_dtype)
+    model = apply(model, cfg.stage_configs()[0], head=head, bn_stats=cfg.bn_stats, delta_dtype=dtype)
+    return enable_grad_checkpointing(model) if cfg.grad_checkpointing else model
 
 
 def make_parts(cfg: TrainConfig, rt: Runtime, data: Data, model: nn.Module, phase: Phase) -> Parts:

@@ -4,19 +4,26 @@ method gives the same loss and delta gradients as without, in train mode with dr
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import timm
 import torch
 from conftest import make_backbone, make_input, perturb_deltas, run
+from safetensors.torch import load_file
+from test_training import text_model  # noqa: F401  (fixture)
+from tiny_run import tiny_config
 from torch import nn
 
 import deltatune
 from deltatune import kernels
+from deltatune.cli import main
 from deltatune.registry import make_config
 from deltatune.targeting import supports
+from deltatune.train.loop import train
 from deltatune.train.memory import enable_grad_checkpointing
 
 KINDS = ("vit", "bert", "gpt2", "llama")
@@ -112,3 +119,33 @@ def loss_and_grads_or_none(model: nn.Module, x: Any) -> tuple[torch.Tensor, dict
 def test_checkpointing_refuses_a_model_without_it() -> None:
     with pytest.raises(deltatune.DeltaTuneError, match="gradient checkpointing"):
         enable_grad_checkpointing(nn.Sequential(nn.Linear(2, 2)))
+
+
+def _trained_deltas(cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    train(cfg)
+    return load_file(Path(cfg["output_dir"]) / "delta.safetensors")
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("method", ["lora", "vpt-deep"])
+def test_train_grad_checkpointing_gives_the_same_deltas_timm(method: str, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "plain", method=method, epochs=1, max_train_samples=96, threads=1)
+    plain = _trained_deltas(cfg)
+    args = ["train", "--grad-checkpointing", "--output-dir", str(tmp_path / "ckpt")]
+    for key, value in cfg.items():
+        if key != "output_dir":
+            flag = "--" + key.replace("_", "-")
+            args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, json.dumps(value)]
+    assert main([a.strip('"') for a in args]) == 0
+    _same(load_file(tmp_path / "ckpt" / "delta.safetensors"), plain)
+
+
+def test_train_grad_checkpointing_gives_the_same_deltas_hf(tmp_path: Path, text_model: dict) -> None:  # noqa: F811
+    cfg = tiny_config(tmp_path / "plain", **text_model, method="lora", epochs=1, threads=1, max_train_samples=64)
+    plain = _trained_deltas(cfg)
+    _same(_trained_deltas({**cfg, "output_dir": str(tmp_path / "ckpt"), "grad_checkpointing": True}), plain)

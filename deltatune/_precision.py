@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from deltatune.errors import DeltaTuneError
 
-_CAST = "_deltatune_cast"  # module.__dict__ key: {name: backbone dtype} of its parameters kept in another dtype
+_CAST = "_deltatune_cast"  # module.__dict__ key: {path below it: backbone dtype} of the tensors kept in another dtype
 _HOOKED = "_deltatune_cast_hooked"
+_STACK = "_deltatune_cast_stack"  # what each running forward shadowed, to put back after it
+_MISSING = object()
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}  # fmt: skip
 
@@ -34,23 +36,27 @@ def as_dtype(value: torch.dtype | str | None, what: str = "delta_dtype") -> torc
 
 
 def keep_in_dtype(model: nn.Module, params: Iterable[nn.Parameter], dtype: torch.dtype) -> None:
-    """Stores ``params`` in ``dtype`` and makes every module that owns or contains one cast them at the point of use."""
+    """Stores ``params`` in ``dtype`` and makes every module above one cast it at the point of use.
+
+    Each such module records the kept tensors by their paths below it, so a method that later swaps a submodule
+    (MiMi's pruning shrinks an adapter's layers) still has the new one's tensors cast.
+    """
     wanted = {id(p): p for p in params if p.is_floating_point()}
-    if not wanted:
-        return
-    compute = {id(p): p.dtype for p in wanted.values()}  # the backbone's dtype: what they compute in
+    compute = {i: p.dtype for i, p in wanted.items()}  # the backbone's dtype: what they compute in
     if all(c == dtype for c in compute.values()):
         return
     for p in wanted.values():
         p.data = p.data.to(dtype)
-    owners = [m for m in model.modules() if any(id(p) in wanted for p in m._parameters.values() if p is not None)]
-    for module in owners:
-        names = {n: compute[id(p)] for n, p in module._parameters.items() if p is not None and id(p) in wanted}
-        module.__dict__.setdefault(_CAST, {}).update(names)
-    users = set(map(id, owners))
-    for module in model.modules():  # owners and the modules above them that call them or read their tensors
-        if id(module) in users or any(id(m) in users for m in module.modules()):
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        found = {name[len(prefix) + 1 if prefix else 0 :]: compute[id(p)] for name, p in _kept(module, prefix, wanted)}
+        if found:
+            module.__dict__.setdefault(_CAST, {}).update(found)
             _hook(module)
+
+
+def _kept(module: nn.Module, prefix: str, wanted: dict[int, nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
+    named = module.named_parameters(prefix=prefix, remove_duplicate=False)
+    return [(name, p) for name, p in named if id(p) in wanted]
 
 
 def _hook(module: nn.Module) -> None:
@@ -69,19 +75,33 @@ def _activation_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
 
 
 def _shadow(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Before a forward: each kept tensor in this subtree resolves to its copy in the activations' dtype."""
+    """Before a forward: each kept tensor below resolves to its copy in the activations' dtype (made once)."""
     dtype = _activation_dtype(args, kwargs)
-    for m in module.modules():
-        for name, original in m.__dict__.get(_CAST, {}).items():
-            p = m._parameters[name]
-            target = dtype or original
-            if p.dtype != target:
-                m.__dict__[name] = p.to(target)
+    previous = []
+    for path, original in module.__dict__[_CAST].items():
+        owner_path, _, name = path.rpartition(".")
+        try:
+            owner = module.get_submodule(owner_path) if owner_path else module
+        except AttributeError:  # removed since (MiMi drops an adapter that lost every neuron)
+            continue
+        p = owner._parameters.get(name)
+        if p is None:
+            continue
+        target = dtype or original
+        current = owner.__dict__.get(name, _MISSING)
+        previous.append((owner, name, current))
+        if p.dtype != target and getattr(current, "dtype", None) != target:
+            owner.__dict__[name] = p.to(target)
+    module.__dict__.setdefault(_STACK, []).append(previous)
 
 
 def _unshadow(module: nn.Module, args: Any, output: Any) -> None:
-    """After the forward (also when it raised): the attributes are the stored tensors again."""
-    for m in module.modules():
-        for name in m.__dict__.get(_CAST, ()):
-            m.__dict__.pop(name, None)
-
+    """After the forward (also when it raised): each attribute as it was before it, the stored tensor at the top."""
+    stack = module.__dict__.get(_STACK)
+    if not stack:
+        return
+    for owner, name, before in reversed(stack.pop()):
+        if before is _MISSING:
+            owner.__dict__.pop(name, None)
+        else:
+            owner.__dict__[name] = before

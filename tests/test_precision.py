@@ -121,3 +121,26 @@ def test_bad_precision_options_are_refused(tmp_path: Path) -> None:
         train(tiny_config(tmp_path, delta_dtype="int8"))
     with pytest.raises(deltatune.DeltaTuneError, match="delta_dtype"):
         deltatune.apply(make_backbone("vit"), "lora", delta_dtype="float8")
+
+
+def test_mimi_pruning_keeps_float32_adapters_on_a_bf16_backbone(tmp_path: Path) -> None:
+    """Pruning swaps in smaller adapter layers (and drops empty ones): they are still cast where used."""
+    report = train(tiny_config(tmp_path, method="mimi", precision="bf16", target_sigma=16, epochs=1, threads=1))
+    saved = load_file(tmp_path / "delta.safetensors")
+    assert report["phases"] > 1 and all(t.dtype == torch.float32 for t in saved.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("method,kind", [("lora", "gpt2"), ("adapter", "vit"), ("prompt", "bert")])
+def test_float32_deltas_with_gradient_checkpointing(method: str, kind: str) -> None:
+    """Checkpointed blocks recompute their forward in backward: the casts are made again there, same gradients."""
+    from test_grad_checkpointing import loss_and_grads
+
+    from deltatune.train.memory import enable_grad_checkpointing
+
+    _, half = _pair(method, kind)
+    ckpt = enable_grad_checkpointing(copy.deepcopy(half))
+    x = _cast_input(make_input(kind), BF16)
+    loss, grads = loss_and_grads(half, x)
+    loss_c, grads_c = loss_and_grads(ckpt, x)
+    assert torch.equal(loss, loss_c) and grads.keys() == grads_c.keys()
+    assert all(g.dtype == torch.float32 and torch.equal(g, grads_c[n]) for n, g in grads.items())

@@ -19,6 +19,8 @@ from deltatune.errors import DeltaTuneError
 from deltatune.registry import make_config
 from deltatune.train.memory import PRECISIONS
 from deltatune.train.options import (
+    check_choice,
+    check_model_kwargs,
     coerce,
     flag,
     method_option_fields,
@@ -294,26 +296,11 @@ RESUME_MAY_CHANGE = (
     "tensorboard",
     "wandb",
 )
-# create_backbone's own arguments: model_kwargs may not set them behind the options that do.
-RESERVED_MODEL_KWARGS = {
-    "img_size": "--img-size",
-    "num_classes": "the dataset (its number of classes)",
-    "pretrained": "--pretrained / --no-pretrained",
-    "checkpoint": "--checkpoint",
-    "pretrained_cfg_overlay": "--checkpoint",
-    "name": "--model",
-}
 
 
 @cache
 def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
-
-
-def check_choice(name: str, value: str, choices: Any) -> None:
-    """Refuses a value not among ``choices``, naming the option and them."""
-    if value not in choices:
-        raise DeltaTuneError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def check_range(name: str, value: Any, low: float | None, high: float | None, strict: bool) -> None:
@@ -330,18 +317,6 @@ def check_range(name: str, value: Any, low: float | None, high: float | None, st
             f"{name}: {value!r} is out of range; set {flag(name)} to a value with {lo}{name}{hi}{none}"
             f" ({field_docs().get(name, '')})"
         )
-
-
-def check_model_kwargs(kwargs: dict[str, Any]) -> None:
-    """model_kwargs names timm.create_model arguments: text keys, none that another option sets."""
-    for key in kwargs:
-        if not isinstance(key, str) or not key.isidentifier():
-            raise DeltaTuneError(f"model_kwargs: {key!r} is not an argument name; write it as {{name: value}}")
-        if key in RESERVED_MODEL_KWARGS:
-            raise DeltaTuneError(
-                f"model_kwargs: {key}={kwargs[key]!r} is set by {RESERVED_MODEL_KWARGS[key]}, not by model_kwargs;"
-                f" remove it from --model-kwargs" + (f" and pass --img-size {kwargs[key]}" if key == "img_size" else "")
-            )
 
 
 SECTIONS: dict[str, list[str]] = {

@@ -144,3 +144,25 @@ def test_float32_deltas_with_gradient_checkpointing(method: str, kind: str) -> N
     loss_c, grads_c = loss_and_grads(ckpt, x)
     assert torch.equal(loss, loss_c) and grads.keys() == grads_c.keys()
     assert all(g.dtype == torch.float32 and torch.equal(g, grads_c[n]) for n, g in grads.items())
+
+
+def test_bf16_run_resumes_exactly(tmp_path: Path) -> None:
+    """A bf16-backbone run stopped after epoch 1 and resumed ends with the uninterrupted run's float32 deltas."""
+    from deltatune.train import epochs
+
+    cfg = tiny_config(tmp_path / "killed", precision="bf16", method="lora", epochs=2, threads=1, max_train_samples=64)
+    real = epochs.checkpoint
+
+    def stop(*args: object) -> None:
+        real(*args)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(epochs, "checkpoint", stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    train({**cfg, "resume": True})
+    train({**cfg, "output_dir": str(tmp_path / "straight")})
+    resumed, straight = (load_file(tmp_path / d / "delta.safetensors") for d in ("killed", "straight"))
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[n], straight[n]) for n in straight)
+    assert any(t.dtype == torch.float32 for t in straight.values())

@@ -59,6 +59,23 @@ def _kept(module: nn.Module, prefix: str, wanted: dict[int, nn.Parameter]) -> li
     return [(name, p) for name, p in named if id(p) in wanted]
 
 
+def settle(model: nn.Module, still_deltas: set[int]) -> None:
+    """After a merge: kept tensors that are plain weights now (selected biases, the head), not ids in
+    ``still_deltas``, go back to the backbone's dtype, rounded once, and are no longer cast."""
+    for module in model.modules():
+        cast = module.__dict__.get(_CAST)
+        for path, original in list((cast or {}).items()):
+            try:
+                p = module.get_parameter(path)
+            except AttributeError:
+                p = None
+            if p is not None and id(p) in still_deltas:
+                continue
+            if p is not None and p.dtype != original:
+                p.data = p.data.to(original)
+            del cast[path]
+
+
 def _hook(module: nn.Module) -> None:
     if module.__dict__.get(_HOOKED):
         return
@@ -78,7 +95,7 @@ def _shadow(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Before a forward: each kept tensor below resolves to its copy in the activations' dtype (made once)."""
     dtype = _activation_dtype(args, kwargs)
     previous = []
-    for path, original in module.__dict__[_CAST].items():
+    for path, original in module.__dict__.get(_CAST, {}).items():
         owner_path, _, name = path.rpartition(".")
         try:
             owner = module.get_submodule(owner_path) if owner_path else module

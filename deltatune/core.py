@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltatune._precision import as_dtype, keep_in_dtype
+from deltatune._precision import as_dtype, keep_in_dtype, settle
 from deltatune.errors import DeltaTuneError
 from deltatune.protocols import DeltaModule, Mergeable
 from deltatune.registry import make_config
@@ -313,6 +313,7 @@ def merge(model: nn.Module) -> nn.Module:
                 setattr(module, child_name, merged)
 
     visit(model, "")
+    settle(model, {id(p) for _, m in delta_modules(model) for p in m.delta_parameters()})
     state = state_of(model)
     if state is not None:
         state.merged = True

@@ -4,6 +4,7 @@ outputs against a float64 reference, float32 gradients, small updates kept, save
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,24 @@ def test_bf16_run_resumes_exactly(tmp_path: Path) -> None:
     resumed, straight = (load_file(tmp_path / d / "delta.safetensors") for d in ("killed", "straight"))
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[n], straight[n]) for n in straight)
     assert any(t.dtype == torch.float32 for t in straight.values())
+
+
+@pytest.mark.parametrize("method", ["bitfit", "ssf", "adapter"])
+def test_merge_returns_the_backbone_dtype_where_it_can(method: str) -> None:
+    """Merged tensors and trained plain weights (biases, head) go back to bf16, each rounded once from float32;
+    deltas that cannot merge (adapters) stay float32 and keep working."""
+    _, half = _pair(method, "vit")
+    trained = {n: p.detach().clone() for n, p in half.named_parameters() if p.requires_grad}
+    x = make_input("vit").to(BF16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # adapters cannot merge: merge warns
+        before = run(half, x)
+        deltatune.merge(half)
+        after = run(half, x)
+    params = dict(half.named_parameters())
+    kept = {n for n in trained if n in params and params[n].dtype == torch.float32}
+    assert kept == ({n for n in trained if ".adapter_" in n} if method == "adapter" else set())
+    for name in trained.keys() & params.keys() - kept:
+        assert params[name].dtype == BF16 and torch.equal(params[name], trained[name].to(BF16)), name
+    assert all(p.dtype == BF16 for n, p in params.items() if n not in kept)
+    assert rel_err(after.double(), before.double()) < 2e-2

@@ -333,6 +333,7 @@ def unwrap(model: nn.Module) -> None:
     for name, module in reversed(delta_modules(model)):
         if name:
             set_module(model, name, innermost(module))
+    settle(model, set())  # tensors kept in float32 beside a bf16 backbone: its dtype again
     model.__dict__.pop("_deltatune", None)
 
 

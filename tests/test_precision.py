@@ -15,7 +15,7 @@ from tiny_run import tiny_config
 from torch import nn
 
 import deltatune
-from deltatune.core import delta_modules
+from deltatune.core import delta_modules, unwrap
 from deltatune.numerics import round_to
 from deltatune.train.loop import train
 
@@ -188,3 +188,11 @@ def test_merge_returns_the_backbone_dtype_where_it_can(method: str) -> None:
         assert params[name].dtype == BF16 and torch.equal(params[name], trained[name].to(BF16)), name
     assert all(p.dtype == BF16 for n, p in params.items() if n not in kept)
     assert rel_err(after.double(), before.double()) < 2e-2
+
+
+def test_unwrap_gives_back_a_backbone_in_one_dtype() -> None:
+    _, half = _pair("bitfit", "vit")
+    unwrap(half)
+    assert {p.dtype for p in half.parameters()} == {BF16}
+    with torch.no_grad():
+        assert run(half, make_input("vit").to(BF16)).dtype == BF16

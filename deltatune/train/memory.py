@@ -65,7 +65,8 @@ def _stem(model: nn.Module) -> nn.Module:
 
 def _output_requires_grad(module: nn.Module, args: Any, output: Any) -> None:
     """A frozen stem's output as a leaf that requires grad: re-entrant checkpointed blocks then pass gradients."""
-    if isinstance(output, Tensor) and output.is_floating_point() and not output.requires_grad:
+    frozen = isinstance(output, Tensor) and output.is_floating_point() and not output.requires_grad
+    if frozen and torch.is_grad_enabled():
         output.requires_grad_(True)
 
 

@@ -152,13 +152,18 @@ def _stages(meta: dict[str, str], path: Path) -> list[dict[str, Any]]:
 
 
 def load_delta(
-    model: nn.Module, path: str | os.PathLike, method: str | list[str] | None = None, check_backbone: str = "values"
+    model: nn.Module,
+    path: str | os.PathLike,
+    method: str | list[str] | None = None,
+    check_backbone: str = "values",
+    delta_dtype: torch.dtype | str | None = None,
 ) -> nn.Module:
     """Re-applies the file's methods to the plain backbone ``model`` and loads the delta and head tensors.
 
     ``method`` (optional) is what the caller expects the file to hold; a file with other methods is an error.
     ``check_backbone="shapes"`` accepts a backbone whose frozen values differ from the one the file was trained
     on (same architecture): only for deliberate transfers, the outputs will differ from the trained model's.
+    ``delta_dtype`` keeps the loaded deltas in that dtype (float32 ones beside a bfloat16 backbone), as ``apply``.
     """
     path, outer, model = Path(path), model, uncompiled(model)
     if check_backbone not in CHECKS:
@@ -177,7 +182,7 @@ def load_delta(
     if check_backbone == "values" and "backbone_values" in meta:
         _check_values(model, meta, trained, path)
     try:
-        _apply_stages(model, stages, head, bn_stats)
+        _apply_stages(model, stages, head, bn_stats, delta_dtype)
         targets = model.state_dict(keep_vars=True)
         with torch.no_grad():
             for name, tensor in tensors.items():
@@ -188,11 +193,13 @@ def load_delta(
     return outer
 
 
-def _apply_stages(model: nn.Module, stages: list[dict[str, Any]], head: bool | str, bn_stats: str) -> None:
+def _apply_stages(
+    model: nn.Module, stages: list[dict[str, Any]], head: bool | str, bn_stats: str, delta_dtype: Any = None
+) -> None:
     for stage in sorted({s["stage"] for s in stages}):
         group = [s for s in stages if s["stage"] == stage]
         configs = [config_from_dict(s) for s in group]
-        apply(model, configs, head=head if group[0]["head"] else False, bn_stats=bn_stats)
+        apply(model, configs, head=head if group[0]["head"] else False, bn_stats=bn_stats, delta_dtype=delta_dtype)
 
 
 def _check_shapes(model: nn.Module, meta: dict[str, str], path: Path) -> None:

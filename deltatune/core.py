@@ -15,8 +15,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from deltatune._precision import as_dtype, keep_in_dtype, settle
 from deltatune.errors import DeltaTuneError
 from deltatune.protocols import DeltaModule, Mergeable
 from deltatune.registry import make_config
@@ -91,7 +93,12 @@ def _serialised(fn: Any) -> Any:
 
 @_serialised
 def apply(
-    model: nn.Module, method: Any, head: bool | str = True, bn_stats: str | None = None, **options: Any
+    model: nn.Module,
+    method: Any,
+    head: bool | str = True,
+    bn_stats: str | None = None,
+    delta_dtype: torch.dtype | str | None = None,
+    **options: Any,
 ) -> nn.Module:
     """Applies a method (name, config, or list of them trained together) in place and freezes all but its deltas.
 
@@ -99,10 +106,13 @@ def apply(
     deltas stay frozen. ``head`` keeps the classification head trainable (True), frozen (False), or names it.
     ``bn_stats`` says what the backbone's BatchNorm running statistics do in train mode: ``"delta"`` (default) they
     update and are saved with the delta; ``"frozen"`` the layers normalise with the backbone's statistics, which
-    never change. New wrappers take their base layer's train/eval mode. A ``torch.compile``d model is tuned through
-    the module it wraps.
+    never change. ``delta_dtype`` (e.g. ``torch.float32`` on a bfloat16 backbone) stores this stage's trainable
+    tensors in that dtype, cast to the activations' dtype where they are used (default: the backbone's dtype).
+    New wrappers take their base layer's train/eval mode. A ``torch.compile``d model is tuned through the module it
+    wraps.
     """
     outer, model = model, uncompiled(model)
+    keep_dtype = as_dtype(delta_dtype)
     methods = method if isinstance(method, list | tuple) else [method]
     if not methods:
         raise DeltaTuneError("apply: empty method list; name at least one of deltatune.methods()")
@@ -140,6 +150,8 @@ def apply(
         _rollback(model, state, stage)
         raise
     _set_trainable(model, state, stage)
+    if keep_dtype is not None:
+        keep_in_dtype(model, [p for p in model.parameters() if p.requires_grad], keep_dtype)
     freeze_batchnorm(model, state.bn_stats == "frozen")
     return outer
 
@@ -301,6 +313,7 @@ def merge(model: nn.Module) -> nn.Module:
                 setattr(module, child_name, merged)
 
     visit(model, "")
+    settle(model, {id(p) for _, m in delta_modules(model) for p in m.delta_parameters()})
     state = state_of(model)
     if state is not None:
         state.merged = True
@@ -320,6 +333,7 @@ def unwrap(model: nn.Module) -> None:
     for name, module in reversed(delta_modules(model)):
         if name:
             set_module(model, name, innermost(module))
+    settle(model, set())  # tensors kept in float32 beside a bf16 backbone: its dtype again
     model.__dict__.pop("_deltatune", None)
 
 

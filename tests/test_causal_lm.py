@@ -16,6 +16,7 @@ from tiny_run import tiny_config
 import deltatune
 from deltatune import DeltaTuneError
 from deltatune.data.lm import Blocks
+from deltatune.train import epochs
 from deltatune.train import loop as training
 from deltatune.train.loop import train
 
@@ -121,14 +122,14 @@ def test_lm_head_is_not_trained_and_the_delta_reloads_with_identical_logits(corp
 
 def test_resume_after_an_interrupted_run_gives_identical_deltas(corpus: Path, tmp_path: Path) -> None:
     cfg = _cfg(corpus, tmp_path / "killed", ema_decay=0.9)
-    real = training._checkpoint
+    real = epochs.checkpoint
 
     def stop(*args: Any) -> None:
         real(*args)
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(training, "_checkpoint", stop)
+        m.setattr(epochs, "checkpoint", stop)
         with pytest.raises(KeyboardInterrupt):
             train(cfg)
     resumed = train({**cfg, "resume": True})

@@ -59,16 +59,16 @@ def test_mimi_training_shrinks_to_the_target_and_reloads(tmp_path: Path, capsys:
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
     """Makes training stop (as if killed) right after the checkpoint of ``epoch`` is written."""
-    from deltatune.train import loop as training
+    from deltatune.train import epochs as training
 
-    real = training._checkpoint
+    real = training.checkpoint
 
     def checkpoint(p: Any, cfg: Any, rt: Any, history: list, phase: Any) -> None:
         real(p, cfg, rt, history, phase)
         if history[-1]["epoch"] == epoch:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_checkpoint", checkpoint)
+    monkeypatch.setattr(training, "checkpoint", checkpoint)
 
 
 @pytest.mark.parametrize(

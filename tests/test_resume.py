@@ -106,15 +106,15 @@ def one_epoch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run stopped after epoch 1 of 2 (its checkpoint written by a 1-epoch run of the same options)."""
     out = tmp_path_factory.mktemp("one_epoch")
     with pytest.MonkeyPatch.context() as m:
-        from deltatune.train import loop as training
+        from deltatune.train import epochs as training
 
-        real = training._checkpoint
+        real = training.checkpoint
 
         def checkpoint(*args: object) -> None:
             real(*args)
             raise KeyboardInterrupt
 
-        m.setattr(training, "_checkpoint", checkpoint)
+        m.setattr(training, "checkpoint", checkpoint)
         with pytest.raises(KeyboardInterrupt):
             train(_tiny(out, ema_decay=0.9))
     return out
@@ -215,7 +215,7 @@ def test_non_finite_weights_are_never_saved_and_the_command_fails(
 ) -> None:
     """The run's one step leaves an inf in the weights (its loss and gradient were finite): nothing is saved."""
     from deltatune.cli import main
-    from deltatune.train import loop as training
+    from deltatune.train import setup as training
 
     real = training.make_optimizer
 

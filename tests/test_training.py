@@ -64,7 +64,7 @@ def test_every_method_has_a_loss_test() -> None:
 def wide_frozen_head(monkeypatch: pytest.MonkeyPatch) -> None:
     """train() builds timm backbones whose fresh head is N(0, 0.5), as conftest.make_backbone does: a frozen head at
     timm's 0.02 scale passes so little signal back that bitfit or VPT cannot move the loss in a few steps."""
-    from deltatune.train import loop as training
+    from deltatune.train import setup as training
 
     def create(*args: object, **kwargs: object) -> torch.nn.Module:
         model = create_backbone(*args, **kwargs)
@@ -274,3 +274,32 @@ def test_prefix_run_stores_the_folded_prefixes_not_the_training_mlp(tmp_path: Pa
     fresh = _plain_test_vit()
     deltatune.load_delta(fresh, report["delta_path"], check_backbone="shapes")  # another random init
     assert deltatune.trainable_parameters(fresh) == stored
+
+
+@pytest.mark.parametrize("bn_stats", ["frozen", "delta"])
+def test_bn_stats_option_on_the_batchnorm_cnn(bn_stats: str, tmp_path: Path) -> None:
+    """--bn-stats frozen: the running statistics after training are the backbone's and stay out of the delta file;
+    delta: training moved them and the file holds the trained ones."""
+    from deltatune.core import batchnorm_statistics
+    from deltatune.train import loop as training
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.setup import build_model
+
+    cfg = tiny_config(tmp_path, model="test_resnet", model_kwargs={}, method="bitfit", epochs=1, threads=1)
+    cfg |= {"bn_stats": bn_stats, "max_train_samples": 64, "img_size": None}
+    backbone = batchnorm_statistics(build_model(TrainConfig.from_dict(cfg), 4))
+    kept: dict = {}
+    real = training._write_outputs
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(training, "_write_outputs", lambda p, *a: (kept.setdefault("model", p.model), real(p, *a)))
+        train(cfg)
+    after = batchnorm_statistics(kept["model"])
+    saved = load_file(tmp_path / "delta.safetensors")
+    stats = [n for n in after if n.endswith(("running_mean", "running_var"))]
+    assert stats and after.keys() == backbone.keys()
+    if bn_stats == "frozen":
+        assert all(torch.equal(after[n], backbone[n]) for n in after)
+        assert not any(n in saved for n in stats)
+    else:
+        assert all(not torch.equal(after[n], backbone[n]) for n in stats)
+        assert all(torch.equal(saved[n], after[n]) for n in stats)

@@ -13,9 +13,14 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from deltatune._precision import as_dtype
+from deltatune.core import BN_STATS
 from deltatune.errors import DeltaTuneError
 from deltatune.registry import make_config
+from deltatune.train.memory import PRECISIONS
 from deltatune.train.options import (
+    check_choice,
+    check_model_kwargs,
     coerce,
     flag,
     method_option_fields,
@@ -132,6 +137,16 @@ class _TrainConfig:
     """Clip the global gradient norm to this value."""
     amp: bool | None = None
     """bfloat16 autocast; default: on for CUDA, off on CPU."""
+    precision: str = "fp32"
+    """The backbone's weights: fp32, or bf16 (the frozen weights held in bfloat16: half their memory)."""
+    delta_dtype: str | None = None
+    """dtype of the trained tensors (deltas, head): float32 or bf16; default: float32, kept apart from a bf16
+    backbone and cast where used (bf16 deltas lose updates below half a bfloat16 ulp)."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (timm and HF backbones)."""
+    bn_stats: str = "delta"
+    """BatchNorm running statistics: delta (they update in training and are saved in the delta file) or frozen (the
+    backbone's, never changed)."""
 
     # Run
     seed: int = 0
@@ -181,6 +196,9 @@ class _TrainConfig:
         for name, limits in LIMITS.items():
             check_range(name, getattr(self, name), *limits)
         check_model_kwargs(self.model_kwargs)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("bn_stats", self.bn_stats, BN_STATS)
+        as_dtype(self.delta_dtype)
         if (self.mixup or self.cutmix) and self.batch_size % 2:
             raise DeltaTuneError(f"mixup/cutmix pair up images: batch_size must be even, got {self.batch_size}")
         self.method_configs()  # validates method names and options now, not after the data is loaded
@@ -278,15 +296,6 @@ RESUME_MAY_CHANGE = (
     "tensorboard",
     "wandb",
 )
-# create_backbone's own arguments: model_kwargs may not set them behind the options that do.
-RESERVED_MODEL_KWARGS = {
-    "img_size": "--img-size",
-    "num_classes": "the dataset (its number of classes)",
-    "pretrained": "--pretrained / --no-pretrained",
-    "checkpoint": "--checkpoint",
-    "pretrained_cfg_overlay": "--checkpoint",
-    "name": "--model",
-}
 
 
 @cache
@@ -308,18 +317,6 @@ def check_range(name: str, value: Any, low: float | None, high: float | None, st
             f"{name}: {value!r} is out of range; set {flag(name)} to a value with {lo}{name}{hi}{none}"
             f" ({field_docs().get(name, '')})"
         )
-
-
-def check_model_kwargs(kwargs: dict[str, Any]) -> None:
-    """model_kwargs names timm.create_model arguments: text keys, none that another option sets."""
-    for key in kwargs:
-        if not isinstance(key, str) or not key.isidentifier():
-            raise DeltaTuneError(f"model_kwargs: {key!r} is not an argument name; write it as {{name: value}}")
-        if key in RESERVED_MODEL_KWARGS:
-            raise DeltaTuneError(
-                f"model_kwargs: {key}={kwargs[key]!r} is set by {RESERVED_MODEL_KWARGS[key]}, not by model_kwargs;"
-                f" remove it from --model-kwargs" + (f" and pass --img-size {kwargs[key]}" if key == "img_size" else "")
-            )
 
 
 SECTIONS: dict[str, list[str]] = {
@@ -370,6 +367,10 @@ SECTIONS: dict[str, list[str]] = {
         "weight_decay",
         "grad_clip",
         "amp",
+        "precision",
+        "delta_dtype",
+        "grad_checkpointing",
+        "bn_stats",
     ],
     "run": [
         "seed",

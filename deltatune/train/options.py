@@ -140,3 +140,32 @@ def _parse_yaml_value(name: str, text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise DeltaTuneError(f"{name}: cannot parse {text!r} as YAML ({e})") from e
+
+
+# create_backbone's own arguments: model_kwargs may not set them behind the options that do.
+RESERVED_MODEL_KWARGS = {
+    "img_size": "--img-size",
+    "num_classes": "the dataset (its number of classes)",
+    "pretrained": "--pretrained / --no-pretrained",
+    "checkpoint": "--checkpoint",
+    "pretrained_cfg_overlay": "--checkpoint",
+    "name": "--model",
+}
+
+
+def check_choice(name: str, value: str, choices: Any) -> None:
+    """Refuses a value not among ``choices``, naming the option and them."""
+    if value not in choices:
+        raise DeltaTuneError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_model_kwargs(kwargs: dict[str, Any]) -> None:
+    """model_kwargs names timm.create_model arguments: text keys, none that another option sets."""
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise DeltaTuneError(f"model_kwargs: {key!r} is not an argument name; write it as {{name: value}}")
+        if key in RESERVED_MODEL_KWARGS:
+            raise DeltaTuneError(
+                f"model_kwargs: {key}={kwargs[key]!r} is set by {RESERVED_MODEL_KWARGS[key]}, not by model_kwargs;"
+                f" remove it from --model-kwargs" + (f" and pass --img-size {kwargs[key]}" if key == "img_size" else "")
+            )

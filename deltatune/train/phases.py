@@ -18,6 +18,7 @@ from deltatune.core import apply
 from deltatune.errors import DeltaTuneError
 from deltatune.protocols import PhaseContext, PhasedMethod, TrainState, hooks
 from deltatune.train.config import TrainConfig
+from deltatune.train.memory import delta_dtype
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def restore(model: nn.Module, cfg: TrainConfig, phase: Phase, info: dict[str, An
     """Gives a freshly built model the structure it had in ``phase`` (stages applied, methods' structure restored),
     so a checkpoint written then can be loaded into it."""
     for configs in cfg.stage_configs()[1 : phase.stage + 1]:
-        apply(model, configs, head=cfg.train_head)
+        apply(model, configs, head=cfg.train_head, delta_dtype=delta_dtype(cfg.precision, cfg.delta_dtype))
     for config in hooks(cfg.method_configs(), TrainState):
         config.restore_train_state(model, info)
 
@@ -90,7 +91,7 @@ def train_state(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
 def enter_stage(model: nn.Module, cfg: TrainConfig, phase: Phase, device: torch.device) -> str:
     """Applies the phase's stage (the earlier stages' deltas freeze); returns what it did, for the log."""
     configs = cfg.stage_configs()[phase.stage]
-    apply(model, configs, head=cfg.train_head)
+    apply(model, configs, head=cfg.train_head, delta_dtype=delta_dtype(cfg.precision, cfg.delta_dtype))
     model.to(device)
     return f"stage {phase.stage + 1}: " + "+".join(c.name for c in configs)
 

@@ -131,6 +131,16 @@ class DecoderPrefix(_DecoderWrapper):
         return self.prefix_mlp.rows(0, self.prefix_mlp.prefix_out.out_features)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if (
+            self.training
+            and torch.is_grad_enabled()
+            and any(getattr(m, "gradient_checkpointing", False) for m in self.base.modules())
+        ):
+            raise DeltaTuneError(
+                "prefix on a decoder LM keeps its prefixes in the KV cache, which transformers' layers drop under "
+                "gradient checkpointing in training; train prefix without gradient checkpointing (--grad-"
+                "checkpointing), or use prompt (insert='input'), which checkpoints"
+            )
         bound, fresh = self.bind(args, kwargs)
         if fresh:
             from transformers import DynamicCache

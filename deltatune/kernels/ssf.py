@@ -16,8 +16,8 @@ which return None where no fast path applies (the wrapper then runs its plain fo
 - LoRA on a Linear (no dropout): ``y = x (W + s B A)^T + b``, one matmul with the merged weight built on the fly
   (weight-sized work, not activation-sized); see ``kernels/lora.py``.
 - BitFit needs nothing here: a frozen-weight linear with a trainable bias saves nothing and reduces dy once.
-- Adapters need nothing either: their layers are plain Linears; their extra memory is the base output that the
-  down-projection's weight gradient needs.
+- Adapters: the down-projection's weight gradient is taken from the base layer's input (kept anyway, or recomputed
+  as LoRA's) instead of its output, which nothing else keeps; see ``kernels/adapter.py``.
 
 Elsewhere (a trainable base weight, convolutions, SSF over another delta, LoRA dropout in training) the plain
 formulas run. All of it is plain PyTorch, traceable by torch.compile without graph breaks, on CPU and CUDA alike.

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltatune.kernels import residual
 from deltatune.kernels._common import is_enabled, needs_grad, plain_layer_norm, plain_linear, rows
 
 SAFE_SHIFT_RATIO = 2.0  # max |shift / scale| for which the folded SSF recovers its scale gradient from the output
@@ -133,7 +134,7 @@ def ssf(base: nn.Module, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | No
     if plain_layer_norm(base):
         weight = scale if base.weight is None else base.weight * scale
         bias = shift if base.bias is None else torch.addcmul(shift, base.bias, scale)
-        return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+        return residual.layer_norm(x, weight, bias, base.eps)  # F.layer_norm, keeping less after a residual add
     if not plain_linear(base):
         return None
     if not needs_grad(x, base.bias, scale, shift):  # inference: the folded layer, one matmul

@@ -55,12 +55,19 @@ def _addends(t: Tensor, previous: Tensor | None) -> tuple[Tensor, Tensor] | None
     for (a_node, a_nr), (y_node, y_nr) in (((n0, i0), (n1, i1)), ((n1, i1), (n0, i0))):
         if type(y_node).__name__ != "SSFLinearFnBackward" or y_nr != 0:
             continue
-        if previous.grad_fn is not a_node or previous.output_nr != a_nr:
+        if not _is_output(previous, a_node, a_nr):
             continue
         y = y_node.saved_tensors[-1]  # SSFLinearFn keeps its output last (None when no scale gradient is needed)
         if y is not None and y.shape == t.shape == previous.shape:
             return previous, y
     return None
+
+
+def _is_output(t: Tensor, node: Any, index: int) -> bool:
+    """Whether t is what autograd's edge (node, index) carries: output ``index`` of t's node, or the leaf t itself."""
+    if t.grad_fn is None:
+        return type(node).__name__ == "AccumulateGrad" and node.variable is t
+    return t.grad_fn is node and t.output_nr == index
 
 
 def layer_norm(t: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:

@@ -1,7 +1,8 @@
 """Helpers shared by the fused fast paths: which layers qualify, and the switches, per thread (context variables).
 
 ``disabled()`` switches the fast paths off inside a block, so the wrappers' plain formulas serve as the reference
-in tests and benchmarks; ``recompute_inputs`` chooses whether LoRA recomputes its input in backward. Both are
+in tests and benchmarks; ``recompute_inputs`` chooses whether LoRA (and the adapter's down-projection) recompute
+their input in backward instead of keeping a copy. Both are
 context variables: a block in one thread never changes what another thread runs.
 """
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from deltatune.kernels._common import is_enabled, needs_grad, plain_linear, rows, wants_recompute
 from deltatune.kernels.lora import input_recipe, recompute
@@ -37,6 +38,7 @@ class AdapterDownFn(torch.autograd.Function):
         return F.linear(y, down_w, down_b)
 
     @staticmethod
+    @once_differentiable  # its backward is not itself differentiable: a double backward raises, not errs silently
     def backward(ctx: Any, dh: Tensor) -> tuple[Tensor | None, ...]:
         *kept, weight, bias, down_w = ctx.saved_tensors
         need_y, _, _, _, need_w, need_b = ctx.needs_input_grad

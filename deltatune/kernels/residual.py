@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # The previous folded LayerNorm's input in this thread: the residual stream the next one's input may add to.
 _PREVIOUS: ContextVar[weakref.ref[Tensor] | None] = ContextVar("deltatune_previous_norm_input", default=None)
@@ -37,6 +38,7 @@ class ResidualLayerNormFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # its backward is not itself differentiable: a double backward raises, not errs silently
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         a, y, mean, rstd, weight, bias = ctx.saved_tensors
         need_t, _, _, need_w, need_b, _ = ctx.needs_input_grad

@@ -208,7 +208,7 @@ def test_input_recipes() -> None:
     assert fast_lora.input_recipe(x) is None and fast_lora.input_recipe(ln(x)[1:]) is None
 
 
-@pytest.mark.parametrize("method", ["ssf", "lora-all"])
+@pytest.mark.parametrize("method", ["ssf", "lora-all", "adapter"])
 def test_compiles_without_graph_breaks(method: str) -> None:
     model = deltatune.apply(make_backbone("vit"), method.split("-")[0], **METHODS[method])
     perturb_deltas(model)

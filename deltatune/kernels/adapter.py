@@ -61,8 +61,8 @@ def down(base: nn.Module, x: Tensor, y: Tensor, layer: nn.Module) -> Tensor | No
     """``layer(y)`` for ``y = base(x)`` keeping x's recipe instead of y, or None where the plain formula serves."""
     if not (is_enabled() and wants_recompute(x) and plain_linear(base) and type(layer) is nn.Linear):
         return None
-    if not needs_grad(layer.weight) or torch.compiler.is_compiling():
+    if not needs_grad(layer.weight):
         return None
     if input_recipe(x) is None and x.shape[-1] > y.shape[-1]:  # keeping x would cost more than keeping y
-        return None
+        return None  # (under torch.compile there are no recipes: x is kept where it is no wider than y)
     return AdapterDownFn.apply(y, x, base.weight, base.bias, layer.weight, layer.bias)

@@ -363,35 +363,3 @@ def test_default_gradients_match_float64(method: str, amp: bool) -> None:
     for n, g in grads.items():
         assert g.dtype == torch.float32 and rel_err(g.double(), ref_grads[n]) < tol, n
 
-
-class _PreNormBlock(nn.Module):
-    """``t = x + proj(norm1(x)) * gain; norm2(t)``: a pre-norm residual add feeding a LayerNorm, all SSF-wrapped."""
-
-    def __init__(self, gain: float) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = SSF(_frozen(nn.LayerNorm(12))), SSF(_frozen(nn.LayerNorm(12)))
-        self.proj, self.gain = SSF(_frozen(nn.Linear(12, 12))), gain
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.proj(self.norm1(x))
-        return self.norm2(x + y if self.gain == 1 else x + y * self.gain)
-
-
-@pytest.mark.parametrize("gain", [1.0, 0.5])
-def test_layer_norm_after_a_residual_add_keeps_the_addends(gain: float) -> None:
-    """The second LayerNorm keeps x and the projection's output (kept anyway), not their sum; gradients as float64's.
-    A scaled addend (gain 0.5, a layer scale) is no such sum: the plain LayerNorm runs."""
-    block = _perturbed(_PreNormBlock(gain))
-    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(3)).requires_grad_()
-    fused = type(block(x).grad_fn).__name__ == "ResidualLayerNormFnBackward"
-    assert fused == (gain == 1.0) and type(block(x * 1).grad_fn).__name__ == type(block(x).grad_fn).__name__
-    with kernels.disabled():
-        ref, ref_grads = _grads(copy.deepcopy(block).double(), x.double())
-    out, grads = _grads(block, x)
-    assert rel_err(out.double(), ref) < 1e-5 and grads.keys() == ref_grads.keys()
-    for n, g in grads.items():
-        assert rel_err(g.double(), ref_grads[n]) < 1e-5, n
-    if fused:
-        keeps = count_saved(block, x).bytes
-        with kernels.disabled():
-            assert keeps < count_saved(block, x).bytes

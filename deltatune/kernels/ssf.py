@@ -13,7 +13,8 @@ which return None where no fast path applies (the wrapper then runs its plain fo
   where a data-dependent branch would break the graph, the plain formula always runs. The output must not be
   modified in place afterwards (autograd then raises). The two sums are one pass over dy and y (``column_sums``).
 - SSF after a LayerNorm: folded into its affine (``w * scale``, ``b * scale + shift``); native LN backward. After a
-  residual add of a folded projection's output it keeps the addends, not the sum (``kernels/residual.py``).
+  residual add of a folded projection's output it keeps the addends (kept anyway), not the sum
+  (``kernels/residual.py``).
 - LoRA on a Linear (no dropout): ``y = x (W + s B A)^T + b``, one matmul with the merged weight built on the fly
   (weight-sized work, not activation-sized); see ``kernels/lora.py``.
 - BitFit needs nothing here: a frozen-weight linear with a trainable bias saves nothing and reduces dy once.

@@ -102,3 +102,19 @@ def test_all_linear_targets_every_linear_but_head() -> None:
     model = deltatune.apply(make_backbone("vit"), "lora", target_modules="all-linear", r=2, head=False)
     wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     assert len(wrapped) == 4 * len(model.blocks) and "head" not in wrapped
+
+
+@pytest.mark.parametrize("method", ["lora", "ssf"])
+def test_merged_model_is_the_plain_model_tensor_for_tensor(method: str) -> None:
+    """Merged inference can only match the plain model's speed if nothing differs: module types, parameter names,
+    shapes, strides, dtypes and contiguity of every tensor (the bench's 'merged x plain' spread is timing noise)."""
+    plain = make_backbone("vit")
+    options = {"target_modules": "all-linear"} if method == "lora" else {}
+    merged = deltatune.merge(deltatune.apply(make_backbone("vit"), method, **options))
+    assert [type(m) for m in merged.modules()] == [type(m) for m in plain.modules()]
+    ref = dict(plain.named_parameters())
+    got = dict(merged.named_parameters())
+    assert got.keys() == ref.keys()
+    for name, p in got.items():
+        q = ref[name]
+        assert (p.shape, p.stride(), p.dtype, p.is_contiguous()) == (q.shape, q.stride(), q.dtype, True), name

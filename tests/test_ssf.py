@@ -1,15 +1,21 @@
-"""SSF: the paper's parameter counts (closed forms), the fold formula, and sites on every backbone."""
+"""SSF: the paper's parameter counts (closed forms), the fold formula, sites on every backbone, and the LayerNorm
+after a residual add that keeps the addends (``kernels/residual.py``)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from conftest import make_backbone, make_input, perturb_deltas, rel_err, run
-from torch import nn
+from test_fast import _frozen, _grads, _perturbed
+from torch import Tensor, nn
 
 import deltatune
+from deltatune import kernels
+from deltatune.bench.measure import count_saved
 from deltatune.methods.ssf import SSF, fold
 
 
@@ -199,3 +205,78 @@ def test_merge_exact_on_norm_act_backbones(name: str) -> None:
         want = run(model, x)
         got = run(deltatune.merge(model), x)
     assert rel_err(got, want) < 1e-5
+
+
+class _PreNormBlock(nn.Module):
+    """``t = x + proj(norm1(x)) * gain; norm2(t)``: a pre-norm residual add feeding a LayerNorm, all SSF-wrapped."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = SSF(_frozen(nn.LayerNorm(12))), SSF(_frozen(nn.LayerNorm(12)))
+        self.proj, self.gain = SSF(_frozen(nn.Linear(12, 12))), gain
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.proj(self.norm1(x))
+        return self.norm2(x + y if self.gain == 1 else x + y * self.gain)
+
+
+@pytest.mark.parametrize("gain", [1.0, 0.5])
+def test_layer_norm_after_a_residual_add_keeps_the_addends(gain: float) -> None:
+    """The second LayerNorm keeps x and the projection's output (kept anyway), not their sum; gradients as float64's.
+    A scaled addend (gain 0.5, a layer scale) is no such sum: the plain LayerNorm runs."""
+    block = _perturbed(_PreNormBlock(gain))
+    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    fused = type(block(x).grad_fn).__name__ == "ResidualLayerNormFnBackward"
+    assert fused == (gain == 1.0) and type(block(x * 1).grad_fn).__name__ == type(block(x).grad_fn).__name__
+    with kernels.disabled():
+        ref, ref_grads = _grads(copy.deepcopy(block).double(), x.double())
+    out, grads = _grads(block, x)
+    assert rel_err(out.double(), ref) < 1e-5 and grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        assert rel_err(g.double(), ref_grads[n]) < 1e-5, n
+    if fused:
+        keeps = count_saved(block, x).bytes
+        with kernels.disabled():
+            assert keeps < count_saved(block, x).bytes
+
+
+class _ResidualChain(nn.Module):
+    """``x = x + proj_i(norm_i(x))`` five times, then a final norm: a chain of residual adds, all SSF-wrapped."""
+
+    def __init__(self, depth: int = 5) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(SSF(_frozen(nn.LayerNorm(12))) for _ in range(depth + 1))
+        self.projs = nn.ModuleList(SSF(_frozen(nn.Linear(12, 12))) for _ in range(depth))
+        self.kept: list[int] = []  # parts each norm's input is kept as (0: the input itself)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.kept.clear()
+        for norm, proj in zip(self.norms, self.projs):
+            h = norm(x)
+            self.kept.append(_parts(h))
+            x = x + proj(h)
+        out = self.norms[-1](x)
+        self.kept.append(_parts(out))
+        return out
+
+
+def _parts(h: Tensor) -> int:
+    node = h.grad_fn
+    return len(node.saved_tensors) - 4 if type(node).__name__ == "ResidualLayerNormFnBackward" else 0
+
+
+def test_residual_chain_keeps_the_stream_once_every_few_adds() -> None:
+    """Each norm after a residual add keeps the earlier parts and the new addend, up to MAX_TERMS parts, then keeps
+    its input and starts again; outputs and gradients as the plain formulas' in float64."""
+    from deltatune.kernels import residual
+
+    chain = _perturbed(_ResidualChain())
+    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    out, grads = _grads(chain, x)
+    terms = residual.MAX_TERMS
+    assert chain.kept == [0, *range(2, terms + 1), 0, 2][: len(chain.kept)], chain.kept
+    with kernels.disabled():
+        ref, ref_grads = _grads(copy.deepcopy(chain).double(), x.double())
+    assert rel_err(out.double(), ref) < 1e-5 and grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        assert rel_err(g.double(), ref_grads[n]) < 1e-5, n

@@ -9,8 +9,8 @@ is kept, so the drift of a shared machine hits all alike. Memory: on CUDA the st
 the configuration's resident weights and optimizer state; on CPU the activation bytes saved for backward
 (``deltatune.bench.measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
 formulas (``deltatune.kernels.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
-forces LoRA to recompute its LayerNorm/GELU inputs in backward (the default on CUDA only; ``deltatune.kernels.lora``),
-to show on CPU the memory that LoRA keeps on a GPU.
+forces LoRA to recompute its LayerNorm/GELU inputs in backward (now the default on every device, so it equals
+``lora``; ``deltatune.kernels.lora``).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
 LoRA needs its input x for dA and dB. When x is the output of a LayerNorm or a GELU that autograd already keeps
 the input of (qkv and fc1 follow LayerNorms, fc2 follows the MLP's GELU), x can be recomputed in backward from
 those kept tensors instead of being kept a second time: one elementwise pass for a copy of the activations.
-``kernels.recompute_inputs`` chooses: by default on CUDA only, where memory is what runs out and elementwise work
-is cheap next to the matmuls; on CPU the step time matters more and the extra pass costs a few percent.
+It is the default on every device (``kernels.recompute_inputs(False)`` keeps x instead): on vit_small@112 it
+brings LoRA on all linears from 1.57x the floor's saved bytes to 0.99x, for ~0.4% of a one-thread CPU step (the
+elementwise pass is cheap next to the matmuls). The proj input is a view of the attention output, kept anyway.
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ def _block_columns(lora_b: Tensor, chunks: tuple[int, ...], out: int) -> Tensor:
 
 def input_recipe(x: Tensor) -> tuple[str, Any, list[Tensor | None]] | None:
     """How to recompute x from what its producer keeps anyway (LayerNorm: input, mean, rstd, affine; GELU: input)."""
+    if torch.compiler.is_compiling():  # checked first: reading grad_fn while tracing breaks the graph
+        return None
     node = x.grad_fn
-    if node is None or x.output_nr != 0 or torch.compiler.is_compiling():
+    if node is None or x.output_nr != 0:
         return None
     kind = type(node).__name__
     if kind == "NativeLayerNormBackward0":

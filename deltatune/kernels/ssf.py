@@ -12,12 +12,14 @@ which return None where no fast path applies (the wrapper then runs its plain fo
   which keeps y0 itself. The check is one reduction over the C scales (a host sync on CUDA); under torch.compile,
   where a data-dependent branch would break the graph, the plain formula always runs. The output must not be
   modified in place afterwards (autograd then raises). The two sums are one pass over dy and y (``column_sums``).
-- SSF after a LayerNorm: folded into its affine (``w * scale``, ``b * scale + shift``); native LN backward.
+- SSF after a LayerNorm: folded into its affine (``w * scale``, ``b * scale + shift``); native LN backward. After a
+  residual add of a folded projection's output it keeps the addends (kept anyway), not the sum
+  (``kernels/residual.py``).
 - LoRA on a Linear (no dropout): ``y = x (W + s B A)^T + b``, one matmul with the merged weight built on the fly
   (weight-sized work, not activation-sized); see ``kernels/lora.py``.
 - BitFit needs nothing here: a frozen-weight linear with a trainable bias saves nothing and reduces dy once.
-- Adapters need nothing either: their layers are plain Linears; their extra memory is the base output that the
-  down-projection's weight gradient needs.
+- Adapters: the down-projection's weight gradient is taken from the base layer's input (kept anyway, or recomputed
+  as LoRA's) instead of its output, which nothing else keeps; see ``kernels/adapter.py``.
 
 Elsewhere (a trainable base weight, convolutions, SSF over another delta, LoRA dropout in training) the plain
 formulas run. All of it is plain PyTorch, traceable by torch.compile without graph breaks, on CPU and CUDA alike.
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltatune.kernels import residual
 from deltatune.kernels._common import is_enabled, needs_grad, plain_layer_norm, plain_linear, rows
 
 SAFE_SHIFT_RATIO = 2.0  # max |shift / scale| for which the folded SSF recovers its scale gradient from the output
@@ -133,7 +136,7 @@ def ssf(base: nn.Module, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | No
     if plain_layer_norm(base):
         weight = scale if base.weight is None else base.weight * scale
         bias = shift if base.bias is None else torch.addcmul(shift, base.bias, scale)
-        return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+        return residual.layer_norm(x, weight, bias, base.eps)  # F.layer_norm, keeping less after a residual add
     if not plain_linear(base):
         return None
     if not needs_grad(x, base.bias, scale, shift):  # inference: the folded layer, one matmul

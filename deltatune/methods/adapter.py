@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from deltatune._layers import features, is_conv1d, linear_types
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
+from deltatune.kernels import adapter as fast_adapter
 from deltatune.registry import register, require
 from deltatune.targeting import Targets, config_sites, family, innermost, set_module
 
@@ -130,7 +131,9 @@ class Adapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         z = y if self.channels_last else y.movedim(1, -1)  # channels last: (..., d)
-        z = z + self.adapter_up(self.adapter_act(self.adapter_down(z)))
+        h = fast_adapter.down(self.base, x, y, self.adapter_down) if self.channels_last else None
+        h = self.adapter_down(z) if h is None else h  # the fast path keeps x's recipe instead of y
+        z = z + self.adapter_up(self.adapter_act(h))
         return z if self.channels_last else z.movedim(-1, 1)
 
     def delta_parameters(self) -> list[nn.Parameter]:

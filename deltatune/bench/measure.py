@@ -16,6 +16,8 @@ from types import TracebackType
 import torch
 from torch import Tensor
 
+from deltatune.kernels._common import transparent
+
 
 def _key(t: Tensor) -> tuple[str, int] | None:
     try:
@@ -53,6 +55,7 @@ class SavedBytes:
         return t
 
     @staticmethod
+    @transparent  # identity: the kernels' recompute paths may read saved tensors through it
     def _unpack(t: Tensor) -> Tensor:
         return t
 

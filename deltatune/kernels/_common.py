@@ -8,7 +8,7 @@ context variables: a block in one thread never changes what another thread runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -49,6 +49,22 @@ def recompute_inputs(enabled: bool | None) -> Iterator[None]:
 def wants_recompute(x: Tensor) -> bool:
     """Whether LoRA's fast path recomputes its input ``x`` in backward instead of keeping it."""
     return _RECOMPUTE.get() is not False  # the recompute costs ~0.4% of a CPU step and saves a third of its bytes
+
+
+def transparent(unpack: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """Marks a saved-tensor unpack hook that returns what was packed (a counter): recomputing may read through it."""
+    unpack.__dict__["deltatune_transparent"] = True
+    return unpack
+
+
+def saving_is_hooked() -> bool:
+    """Whether saved tensors go through someone's saved-tensor hooks (gradient checkpointing, offloading). The
+    recompute paths read tensors other nodes saved; under checkpointing that would unpack them a second time (an
+    error), and a checkpointed region keeps nothing anyway, so they keep their own inputs instead."""
+    if torch.compiler.is_compiling():  # not traceable; compiled graphs have no recompute recipes to protect
+        return False
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and not getattr(hooks[1], "deltatune_transparent", False)
 
 
 def plain_linear(layer: nn.Module) -> bool:

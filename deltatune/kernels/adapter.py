@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from deltatune.kernels._common import is_enabled, needs_grad, plain_linear, rows, wants_recompute
+from deltatune.kernels._common import is_enabled, needs_grad, plain_linear, rows, saving_is_hooked, wants_recompute
 from deltatune.kernels.lora import input_recipe, recompute
 
 
@@ -63,6 +63,6 @@ def down(base: nn.Module, x: Tensor, y: Tensor, layer: nn.Module) -> Tensor | No
         return None
     if not needs_grad(layer.weight):
         return None
-    if input_recipe(x) is None and x.shape[-1] > y.shape[-1]:  # keeping x would cost more than keeping y
-        return None  # (under torch.compile there are no recipes: x is kept where it is no wider than y)
+    if input_recipe(x) is None and x.shape[-1] > y.shape[-1] and not saving_is_hooked():
+        return None  # keeping x would cost more than y (compiled: no recipes); checkpointed regions keep nothing
     return AdapterDownFn.apply(y, x, base.weight, base.bias, layer.weight, layer.bias)

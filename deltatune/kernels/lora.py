@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.kernels._common import is_enabled, needs_grad, plain_linear, rows, wants_recompute
+from deltatune.kernels._common import is_enabled, needs_grad, plain_linear, rows, saving_is_hooked, wants_recompute
 
 
 def lora_weight(
@@ -61,6 +61,8 @@ def _block_columns(lora_b: Tensor, chunks: tuple[int, ...], out: int) -> Tensor:
 def input_recipe(x: Tensor) -> tuple[str, Any, list[Tensor | None]] | None:
     """How to recompute x from what its producer keeps anyway (LayerNorm: input, mean, rstd, affine; GELU: input)."""
     if torch.compiler.is_compiling():  # checked first: reading grad_fn while tracing breaks the graph
+        return None
+    if saving_is_hooked():  # checkpointing: the producer's saved tensors must be unpacked once, by the producer
         return None
     node = x.grad_fn
     if node is None or x.output_nr != 0:

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from deltatune.kernels._common import saving_is_hooked
+
 MAX_TERMS = 4  # parts of a recomputed sum: the stream is kept once every 3 residual adds, 3 adds recomputed at most
 
 # The previous folded LayerNorm's input in this thread: the tensor, or the ResidualLayerNormFn node keeping its parts.
@@ -93,7 +95,7 @@ def layer_norm(t: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
         return F.layer_norm(t, (t.shape[-1],), weight, bias, eps)
     ref = _PREVIOUS.get()
     previous = ref() if ref is not None else None
-    grad = torch.is_grad_enabled() and t.requires_grad
+    grad = torch.is_grad_enabled() and t.requires_grad and not saving_is_hooked()
     same = all(p is None or p.dtype == t.dtype for p in (weight, bias))
     plain = torch.is_autocast_enabled(t.device.type) and t.dtype != torch.float32
     addends = _addends(t, previous) if grad and same and not plain else None

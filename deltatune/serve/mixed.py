@@ -106,9 +106,10 @@ class MixedSite(nn.Module):
 
     def _stacked(self, key: tuple, tensors: list[Tensor]) -> Tensor:
         """``torch.stack(tensors)``; without autograd, reused until a parameter changes (its version counter)."""
-        if torch.is_grad_enabled() or any(t.is_inference() for t in tensors if isinstance(t, nn.Parameter)):
+        params = [t for t in tensors if isinstance(t, nn.Parameter)]  # fillers (ones, zeros) are fixed
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or any(t.is_inference() for t in params):
             return torch.stack(tensors)  # (inference tensors keep no version counter)
-        versions = tuple((id(t), t._version) for t in tensors if isinstance(t, nn.Parameter))  # fillers are fixed
+        versions = tuple((id(t), t._version) for t in params)
         hit = self._cache.get(key)
         if hit is None or hit[0] != versions:
             hit = self._cache[key] = (versions, torch.stack(tensors))

@@ -137,7 +137,7 @@ class MultiTaskModel(nn.Module):
             out = torch.cat([_pad(_logits(t.model, part), width) for t, part in zip(order, _split(xs, counts))])
         else:
             with self._lock:
-                net = self._mixed_model()
+                net = self.mixed_model()
                 out = mixed.run(net, xs, [self._position(t.name) for t in order], counts, width)
         return out[torch.argsort(perm)]
 
@@ -177,7 +177,9 @@ class MultiTaskModel(nn.Module):
     def _position(self, name: str) -> int:
         return [t for t in self._tasks.values() if t.plan is not None].index(self._tasks[name])
 
-    def _mixed_model(self) -> nn.Module:
+    def mixed_model(self) -> nn.Module:
+        """The one network that mixes tasks per row (built on first use, rebuilt after add/remove_task); compile it
+        in place with ``.compile()``."""
         if self._mixed is None:
             self._mixed = mixed.build(self.backbone, [t for t in self._tasks.values() if t.plan is not None])
         return self._mixed

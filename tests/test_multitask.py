@@ -116,12 +116,13 @@ def test_tasks_share_the_backbone_storage(tmp_path):
 
 def test_joint_training_gradients_equal_single_task_gradients(tmp_path):
     mt, paths = _setup(tmp_path)
-    names, targets = ["ssf", "lora", "ssf", "adapter", "lora"], torch.tensor([0, 4, 2, 5, 1])
-    x = torch.randn(5, 3, 32, 32)
+    names = ["ssf", "lora", "ssf", "adapter", "lora", "bitfit", "combo", "bitfit"]
+    targets = torch.tensor([0, 4, 2, 5, 1, 3, 1, 0])
+    x = torch.randn(len(names), 3, 32, 32)
     mt.train()
     loss = nn.functional.cross_entropy(mt(x, names), targets, reduction="sum")
     loss.backward()
-    for name, classes in (("ssf", 3), ("lora", 5), ("adapter", 6)):
+    for name, classes in (("ssf", 3), ("lora", 5), ("adapter", 6), ("bitfit", 4), ("combo", 2)):
         ref = _single(paths[name], classes)
         rows = [i for i, n in enumerate(names) if n == name]
         nn.functional.cross_entropy(ref(x[rows]), targets[rows], reduction="sum").backward()
@@ -184,3 +185,22 @@ def test_inference_tables_follow_changed_deltas(tmp_path):
         for model in (mt.task_model("ssf"), ref):
             model.blocks[0].norm1.ssf_scale.mul_(1.5)
         torch.testing.assert_close(mt(x, names)[0, :3], ref(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_channels_first_layernorm_mixes_per_row(tmp_path):
+    """ConvNeXt's channels-first LayerNorm2d: BitFit and SSF rows equal their own models (with and without grad)."""
+    specs = [("bitfit", "bitfit", 11), ("ssf", "ssf", 12), ("both", ["ssf", "bitfit"], 13)]
+    mt, refs = MultiTaskModel(make_backbone("convnext").eval()), {}
+    for name, method, seed in specs:
+        model = deltatune.apply(make_backbone("convnext").eval(), method)
+        perturb_deltas(model, seed=seed)
+        deltatune.save_delta(model, tmp_path / f"{name}.safetensors")
+        mt.add_task(name, tmp_path / f"{name}.safetensors")
+        refs[name] = deltatune.load_delta(make_backbone("convnext").eval(), tmp_path / f"{name}.safetensors")
+    assert all(mt.task(n).plan is not None for n, _, _ in specs)
+    names = ["ssf", "bitfit", "both", "bitfit", "ssf"]
+    x = torch.randn(len(names), 3, 32, 32)
+    want = torch.stack([refs[n](x)[i] for i, n in enumerate(names)])
+    with torch.no_grad():
+        torch.testing.assert_close(mt(x, names), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mt(x, names), want, atol=1e-5, rtol=1e-5)

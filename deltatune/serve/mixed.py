@@ -102,31 +102,35 @@ class MixedSite(nn.Module):
         super().__init__()
         self.base, self.slots, self.ctx = base, slots, ctx
         self.dim = channel_dim(base)
-        self._cache: dict[tuple, tuple[tuple, Tensor]] = {}
+        self._cache: dict[str, tuple[tuple, Any]] = {}
+        lead = [k for k, _ in slots[:2]]
+        self.fold = 2 if lead == ["bias", "ssf"] else 1 if lead[0] in ("bias", "ssf") else 0
+        if self.fold and _bare(base, None) is None:
+            self.fold = 0 if lead[0] == "ssf" else 1  # a layer without a bias-free form: base(x), then the tables
 
-    def _stacked(self, key: tuple, tensors: list[Tensor]) -> Tensor:
-        """``torch.stack(tensors)``; without autograd, reused until a parameter changes (its version counter)."""
-        params = [t for t in tensors if isinstance(t, nn.Parameter)]  # fillers (ones, zeros) are fixed
+    def _table(self, key: str, params: list[Tensor], build: Any) -> Any:
+        """``build()``; without autograd, reused until one of ``params`` changes (their version counters)."""
         if torch.compiler.is_compiling() or torch.is_grad_enabled() or any(t.is_inference() for t in params):
-            return torch.stack(tensors)  # (inference tensors keep no version counter)
+            return build()  # (inference tensors keep no version counter)
         versions = tuple((id(t), t._version) for t in params)
         hit = self._cache.get(key)
         if hit is None or hit[0] != versions:
-            hit = self._cache[key] = (versions, torch.stack(tensors))
+            hit = self._cache[key] = (versions, build())
         return hit[1]
 
     def forward(self, x: Tensor) -> Tensor:
         groups = self.ctx.groups
         if x.shape[0] != groups[-1][2]:
             raise DeltaTuneError(f"mixed batch: a site saw {x.shape[0]} rows, not the batch's {groups[-1][2]}")
-        y = None
-        for kind, per_task in self.slots:
-            if kind == "bias":
-                y = self._biased(x, per_task)
-            elif kind == "ssf":
-                y = self._ssf(self.base(x) if y is None else y, per_task)
+        y = self._affine(x, self.slots[: self.fold]) if self.fold else None
+        for kind, per_task in self.slots[self.fold :]:
+            y = self.base(x) if y is None else y
+            if kind == "ssf":
+                y = self._ssf(y, per_task)
+            elif kind == "lora" and not torch.is_grad_enabled():
+                y = self._lora_inplace(x, y, per_task)
             else:
-                y = self._sliced(x, self.base(x) if y is None else y, kind, per_task)
+                y = self._sliced(x, y, kind, per_task)
         return y
 
     def _rows(self, table: Tensor, ndim: int) -> Tensor:
@@ -136,24 +140,52 @@ class MixedSite(nn.Module):
         shape[self.dim if self.dim >= 0 else ndim - 1] = g.shape[1]
         return g.view(shape)
 
-    def _biased(self, x: Tensor, per_task: list[Any]) -> Tensor:
-        layer = self.base
-        if isinstance(layer, nn.Linear):
-            y = F.linear(x, layer.weight)
-        elif isinstance(layer, nn.LayerNorm):
-            y = F.layer_norm(x, layer.normalized_shape, layer.weight, None, layer.eps)
-        else:
-            y = layer._conv_forward(x, layer.weight, None)
-        default = layer.bias if layer.bias is not None else y.new_zeros(y.shape[self.dim])
-        table = self._stacked(("bias",), [default if p is None else p for p in per_task])
-        return y + self._rows(table, y.ndim)
+    def _affine(self, x: Tensor, slots: list[tuple[str, list[Any]]]) -> Tensor:
+        """The layer's own bias (LayerNorm: its affine), each task's bias and its first SSF in one pass:
+        ``bare(x) * scale[task] + shift[task]``, the tables folded (``scale = s w``, ``shift = s b + t``)."""
+        cols = dict(slots)
+        biases, ssfs = cols.get("bias"), cols.get("ssf")
+        own = getattr(self.base, "bias", None)
+        bare = _bare(self.base, x)
+        y, weight = bare if bare is not None else (self.base(x), None)  # no bare form: swap own bias for the task's
+
+        def build() -> tuple[Tensor | None, Tensor]:
+            bs = [own if b is None else b for b in biases] if biases else [own] * len(ssfs)
+            if bare is None:
+                bs = [b - own for b in bs]
+            return _fold(bs, ssfs, weight, y.shape[self.dim], y)
+
+        params = [p for p in [*(biases or []), own, weight, *_ssf_params(ssfs)] if isinstance(p, nn.Parameter)]
+        scale, shift = self._table("affine", params, build)
+        if scale is not None:
+            return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim))
+        if weight is not None:  # a LayerNorm's weight, the same for every task
+            return torch.addcmul(self._rows(shift, y.ndim), y, weight)
+        return y + self._rows(shift, y.ndim)
 
     def _ssf(self, y: Tensor, per_task: list[SSF | None]) -> Tensor:
+        params = _ssf_params(per_task)
         c = y.shape[self.dim]
-        one, zero = y.new_ones(c), y.new_zeros(c)
-        scale = self._stacked(("scale", id(per_task)), [one if m is None else m.ssf_scale for m in per_task])
-        shift = self._stacked(("shift", id(per_task)), [zero if m is None else m.ssf_shift for m in per_task])
+        scale, shift = self._table(f"ssf{id(per_task)}", params, lambda: _fold(None, per_task, None, c, y))
         return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim))
+
+    def _lora_inplace(self, x: Tensor, y: Tensor, per_task: list[LoRALinear | None]) -> Tensor:
+        """Without autograd: each task's ``s B (A x)`` accumulated into its rows of y by the matmul itself."""
+        out = y.shape[-1]
+        for pos, start, end in self.ctx.groups:
+            m = per_task[pos]
+            if m is None:
+                continue
+            part = y[start:end]
+            rows = getattr(m, "rows", None)  # a fused-qkv LoRA updates some output rows only
+            if (rows is None or len(rows) == out) and m.lora_b.shape[0] == 1 and y.is_contiguous():
+                h = F.linear(x[start:end], m.lora_a)  # (b, ..., r)
+                part.view(-1, out).addmm_(h.reshape(-1, h.shape[-1]), m.lora_b[0].t(), alpha=m.scaling)
+            elif rows is None or len(rows) == out:
+                part.add_(m.lora_delta(x[start:end]))
+            else:
+                part.index_add_(-1, rows, m.lora_delta(x[start:end]))
+        return y
 
     def _sliced(self, x: Tensor, y: Tensor, kind: str, per_task: list[Any]) -> Tensor:
         """LoRA and adapters: each task's module on its own slice of rows; rows of other tasks pass unchanged."""
@@ -170,6 +202,38 @@ class MixedSite(nn.Module):
                 part = z if m.channels_last else z.movedim(-1, 1)
             parts.append(part)
         return torch.cat(parts)
+
+
+def _bare(layer: nn.Module, x: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
+    """``layer(x)`` without its bias (LayerNorm: without its affine) and the LayerNorm weight left out, or None
+    where the layer has no such form here (x None: only whether it has one)."""
+    if isinstance(layer, nn.Linear):
+        return (None, None) if x is None else (F.linear(x, layer.weight), None)
+    if isinstance(layer, nn.LayerNorm) and channel_dim(layer) == -1:
+        return (None, None) if x is None else (F.layer_norm(x, layer.normalized_shape, eps=layer.eps), layer.weight)
+    if type(layer) is nn.Conv2d or (isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward):
+        return (None, None) if x is None else (layer._conv_forward(x, layer.weight, None), None)
+    return None
+
+
+def _ssf_params(ssfs: list[SSF | None] | None) -> list[Tensor]:
+    return [p for m in ssfs or [] if m is not None for p in (m.ssf_scale, m.ssf_shift)]
+
+
+def _fold(
+    biases: list[Tensor | None] | None, ssfs: list[SSF | None] | None, weight: Tensor | None, c: int, like: Tensor
+) -> tuple[Tensor | None, Tensor]:
+    """Per-task (scale, shift) tables, (N, C): ``scale = s w`` and ``shift = s b + t`` (scale None: no SSF and
+    no per-task scale, the caller multiplies by ``w`` itself)."""
+    zero = like.new_zeros(c)
+    bs = [zero if b is None else b for b in biases] if biases is not None else [zero] * len(ssfs)
+    if ssfs is None:
+        return None, torch.stack(bs)
+    one = like.new_ones(c)
+    scales = [one if m is None else m.ssf_scale for m in ssfs]
+    shift = torch.stack([b if m is None else torch.addcmul(m.ssf_shift, b, m.ssf_scale) for b, m in zip(bs, ssfs)])
+    scale = torch.stack(scales)
+    return (scale if weight is None else scale * weight), shift
 
 
 class MixedHead(nn.Module):

@@ -105,7 +105,8 @@ class MixedSite(nn.Module):
         self._cache: dict[str, tuple[tuple, Any]] = {}
         lead = [k for k, _ in slots[:2]]
         self.fold = 2 if lead == ["bias", "ssf"] else 1 if lead[0] in ("bias", "ssf") else 0
-        if self.fold and _bare(base, None) is None:
+        self.bare = _has_bare(base)
+        if self.fold and not self.bare:
             self.fold = 0 if lead[0] == "ssf" else 1  # a layer without a bias-free form: base(x), then the tables
 
     def _table(self, key: str, params: list[Tensor], build: Any) -> Any:
@@ -126,8 +127,8 @@ class MixedSite(nn.Module):
         for kind, per_task in self.slots[self.fold :]:
             y = self.base(x) if y is None else y
             if kind == "ssf":
-                y = self._ssf(y, per_task)
-            elif kind == "lora" and not torch.is_grad_enabled():
+                y = self._ssf(x, y, per_task)
+            elif kind == "lora" and _inplace(y, x):
                 y = self._lora_inplace(x, y, per_task)
             else:
                 y = self._sliced(x, y, kind, per_task)
@@ -135,39 +136,36 @@ class MixedSite(nn.Module):
 
     def _rows(self, table: Tensor, ndim: int) -> Tensor:
         """Row ``i`` of the result is ``table[task of row i]``, shaped to broadcast along the channel dim."""
-        g = table[self.ctx.idx]  # (B, C)
+        g = table.index_select(0, self.ctx.idx)  # (B, C)
         shape = [g.shape[0]] + [1] * (ndim - 1)
         shape[self.dim if self.dim >= 0 else ndim - 1] = g.shape[1]
         return g.view(shape)
 
     def _affine(self, x: Tensor, slots: list[tuple[str, list[Any]]]) -> Tensor:
-        """The layer's own bias (LayerNorm: its affine), each task's bias and its first SSF in one pass:
-        ``bare(x) * scale[task] + shift[task]``, the tables folded (``scale = s w``, ``shift = s b + t``)."""
+        """The layer's own bias, each task's bias and its first SSF in one pass over the layer's bias-free output:
+        ``bare(x) * s[task] + (s b + t)[task]`` (the tables folded and, without autograd, cached)."""
         cols = dict(slots)
         biases, ssfs = cols.get("bias"), cols.get("ssf")
         own = getattr(self.base, "bias", None)
-        bare = _bare(self.base, x)
-        y, weight = bare if bare is not None else (self.base(x), None)  # no bare form: swap own bias for the task's
+        y = _bare(self.base, x) if self.bare else self.base(x)  # no bias-free form: its bias swapped for the task's
 
         def build() -> tuple[Tensor | None, Tensor]:
             bs = [own if b is None else b for b in biases] if biases else [own] * len(ssfs)
-            if bare is None:
+            if not self.bare and own is not None:
                 bs = [b - own for b in bs]
-            return _fold(bs, ssfs, weight, y.shape[self.dim], y)
+            return _fold(bs, ssfs, y.shape[self.dim], y)
 
-        params = [p for p in [*(biases or []), own, weight, *_ssf_params(ssfs)] if isinstance(p, nn.Parameter)]
+        params = [p for p in [*(biases or []), own, *_ssf_params(ssfs)] if isinstance(p, nn.Parameter)]
         scale, shift = self._table("affine", params, build)
-        if scale is not None:
-            return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim))
-        if weight is not None:  # a LayerNorm's weight, the same for every task
-            return torch.addcmul(self._rows(shift, y.ndim), y, weight)
-        return y + self._rows(shift, y.ndim)
+        if scale is None:
+            return y.add_(self._rows(shift, y.ndim)) if _inplace(y, x) else y + self._rows(shift, y.ndim)
+        return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim), out=y if _inplace(y, x) else None)
 
-    def _ssf(self, y: Tensor, per_task: list[SSF | None]) -> Tensor:
+    def _ssf(self, x: Tensor, y: Tensor, per_task: list[SSF | None]) -> Tensor:
         params = _ssf_params(per_task)
         c = y.shape[self.dim]
-        scale, shift = self._table(f"ssf{id(per_task)}", params, lambda: _fold(None, per_task, None, c, y))
-        return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim))
+        scale, shift = self._table(f"ssf{id(per_task)}", params, lambda: _fold(None, per_task, c, y))
+        return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim), out=y if _inplace(y, x) else None)
 
     def _lora_inplace(self, x: Tensor, y: Tensor, per_task: list[LoRALinear | None]) -> Tensor:
         """Without autograd: each task's ``s B (A x)`` accumulated into its rows of y by the matmul itself."""
@@ -204,16 +202,29 @@ class MixedSite(nn.Module):
         return torch.cat(parts)
 
 
-def _bare(layer: nn.Module, x: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
-    """``layer(x)`` without its bias (LayerNorm: without its affine) and the LayerNorm weight left out, or None
-    where the layer has no such form here (x None: only whether it has one)."""
+def _inplace(y: Tensor, x: Tensor) -> bool:
+    """Whether the site's output so far may be overwritten: no autograd or compiler to keep it, and not the site's
+    input itself (a base that returns its input, like Identity)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+def _has_bare(layer: nn.Module) -> bool:
+    """Whether ``_bare`` can run the layer without its bias."""
+    if isinstance(layer, nn.LayerNorm):
+        return channel_dim(layer) == -1  # not timm's channels-first LayerNorm2d
+    return isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward)
+
+
+def _bare(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` without its bias. LayerNorm keeps its weight: without any affine it runs a slower kernel
+    (2x on CPU)."""
     if isinstance(layer, nn.Linear):
-        return (None, None) if x is None else (F.linear(x, layer.weight), None)
-    if isinstance(layer, nn.LayerNorm) and channel_dim(layer) == -1:
-        return (None, None) if x is None else (F.layer_norm(x, layer.normalized_shape, eps=layer.eps), layer.weight)
-    if type(layer) is nn.Conv2d or (isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward):
-        return (None, None) if x is None else (layer._conv_forward(x, layer.weight, None), None)
-    return None
+        return F.linear(x, layer.weight)
+    if isinstance(layer, nn.LayerNorm):
+        return F.layer_norm(x, layer.normalized_shape, layer.weight, None, layer.eps)
+    return layer._conv_forward(x, layer.weight, None)
 
 
 def _ssf_params(ssfs: list[SSF | None] | None) -> list[Tensor]:
@@ -221,10 +232,9 @@ def _ssf_params(ssfs: list[SSF | None] | None) -> list[Tensor]:
 
 
 def _fold(
-    biases: list[Tensor | None] | None, ssfs: list[SSF | None] | None, weight: Tensor | None, c: int, like: Tensor
+    biases: list[Tensor | None] | None, ssfs: list[SSF | None] | None, c: int, like: Tensor
 ) -> tuple[Tensor | None, Tensor]:
-    """Per-task (scale, shift) tables, (N, C): ``scale = s w`` and ``shift = s b + t`` (scale None: no SSF and
-    no per-task scale, the caller multiplies by ``w`` itself)."""
+    """Per-task (scale, shift) tables, (N, C): SSF's ``s`` and ``s b + t`` (scale None: no SSF, shift = b)."""
     zero = like.new_zeros(c)
     bs = [zero if b is None else b for b in biases] if biases is not None else [zero] * len(ssfs)
     if ssfs is None:
@@ -232,8 +242,7 @@ def _fold(
     one = like.new_ones(c)
     scales = [one if m is None else m.ssf_scale for m in ssfs]
     shift = torch.stack([b if m is None else torch.addcmul(m.ssf_shift, b, m.ssf_scale) for b, m in zip(bs, ssfs)])
-    scale = torch.stack(scales)
-    return (scale if weight is None else scale * weight), shift
+    return torch.stack(scales), shift
 
 
 class MixedHead(nn.Module):

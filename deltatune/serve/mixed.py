@@ -14,6 +14,7 @@ stacked from the tasks' own parameters at every forward, so gradients reach each
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,7 +255,8 @@ class MixedHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         outs = [self.heads[pos](x[start:end]) for pos, start, end in self.ctx.groups]
-        return torch.cat([F.pad(o, (0, self.width - o.shape[-1]), value=float("-inf")) for o in outs])
+        return torch.cat([o if o.shape[-1] == self.width else F.pad(o, (0, self.width - o.shape[-1]), value=-math.inf)
+                          for o in outs])
 
 
 def _merge_order(sequences: list[list[str]]) -> list[str]:

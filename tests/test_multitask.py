@@ -90,6 +90,15 @@ def test_tasks_without_a_mixed_kernel_run_grouped(tmp_path):
         vpt, ssf = _single(paths["vpt"], 3)(x), _single(paths["ssf"], 3)(x)
     torch.testing.assert_close(out[[0, 2], :3], vpt[[0, 2]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1, :3], ssf[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        strict = mt(x[[1, 3]], ["ssf", "bitfit"], strict=True)  # these mix: strict changes nothing
+    torch.testing.assert_close(strict, out[[1, 3]], atol=1e-5, rtol=1e-5)
+    try:
+        mt(x, names, strict=True)
+    except DeltaTuneError as e:
+        assert all(w in str(e) for w in ("cannot mix per row", "'vpt'", "vpt-deep", "strict=False"))
+    else:
+        raise AssertionError("strict per-row mixing accepted a VPT task")
 
 
 def test_tasks_share_the_backbone_storage(tmp_path):

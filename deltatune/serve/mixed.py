@@ -3,13 +3,17 @@
 Rows arrive sorted by task (``MultiTaskModel.forward`` sorts and unsorts), so each task's rows are one slice.
 At a site, the base layer runs once for the whole batch, then each task's deltas act on its rows:
 
-- BitFit bias: ``base(x) without bias + bias[task]``: a gather of the stacked biases (the backbone's for others);
-- SSF: ``y * scale[task] + shift[task]``: one gather and one addcmul (ones and zeros for tasks without it);
+- the layer's own bias, BitFit's bias and a first SSF fold into one pass over the layer's bias-free output:
+  ``bare(x) * s[task] + (s b + t)[task]`` (a gather of stacked per-task tables, ones/zeros for tasks without);
+- SSF further out: ``y * scale[task] + shift[task]``, one gather and one addcmul;
 - LoRA (Linear, fused-qkv parts included): ``y[rows] += s B A x[rows]`` per task slice (low rank, no weight copy);
+  without autograd the matmul accumulates into y's rows itself (``addmm_``);
 - adapters: ``z + up(act(down(z)))`` per task slice.
 
-A site keeps each task's own ordering of stacked deltas (SSF over LoRA differs from LoRA over SSF). The tables are
-stacked from the tasks' own parameters at every forward, so gradients reach each task's deltas (joint training).
+A site keeps each task's own ordering of stacked deltas (SSF over LoRA differs from LoRA over SSF). With autograd
+the tables are stacked from the tasks' own parameters at every forward, so gradients reach each task's deltas
+(joint training); without it they are cached until a parameter changes (version counters) and applied in place.
+Measured with ``deltatune bench --multitask`` (``deltatune.bench.multitask``).
 """
 
 from __future__ import annotations

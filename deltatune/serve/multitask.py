@@ -118,9 +118,10 @@ class MultiTaskModel(nn.Module):
             del self._tasks[name], self.task_models[name]
             self._mixed = None
 
-    def forward(self, x: Inputs, tasks: str | list[str], grouped: bool = False) -> Tensor:
+    def forward(self, x: Inputs, tasks: str | list[str], grouped: bool = False, strict: bool = False) -> Tensor:
         """Logits of each row under its task: (B, max classes), -inf past a row's own class count (softmax and
-        cross-entropy work on it as they are). ``grouped=True`` runs each task's rows through its own model."""
+        cross-entropy work on it as they are). ``grouped=True`` runs each task's rows through its own model;
+        ``strict=True`` raises DeltaTuneError unless the batch mixes per row in one backbone pass."""
         names = [tasks] * _rows(x) if isinstance(tasks, str) else list(tasks)
         if len(names) != _rows(x):
             raise DeltaTuneError(f"forward: {len(names)} task names for a batch of {_rows(x)} rows; give one per row")
@@ -133,6 +134,8 @@ class MultiTaskModel(nn.Module):
         perm = torch.argsort(rows, stable=True)
         counts = torch.bincount(rows, minlength=len(order)).tolist()
         xs = _take(x, perm)
+        if strict and not grouped:
+            self._check_mixable(order)
         if grouped or not self._mixable(order):
             out = torch.cat([_pad(_logits(t.model, part), width) for t, part in zip(order, _split(xs, counts))])
         else:
@@ -173,6 +176,18 @@ class MultiTaskModel(nn.Module):
         bn_training = self.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                             for m in self.backbone.modules())
         return not bn_training and all(t.plan is not None for t in order)
+
+    def _check_mixable(self, order: list[Task]) -> None:
+        """Raises DeltaTuneError naming why the batch cannot mix per row (strict mixing was asked for)."""
+        why = next((f"task {t.name!r}: {t.why_grouped}" for t in order if t.plan is None), None)
+        if why is None and not self._mixable(order):
+            why = "the backbone has BatchNorm layers in train mode (rows are not independent)"
+        if why:
+            raise DeltaTuneError(
+                f"forward(strict=True): this batch cannot mix per row ({why}); call with strict=False to run "
+                f"such tasks' rows through their own models (exact, one backbone pass per task), or retrain them "
+                f"with SSF, BitFit, LoRA or adapters"
+            )
 
     def _position(self, name: str) -> int:
         return [t for t in self._tasks.values() if t.plan is not None].index(self._tasks[name])

@@ -19,6 +19,8 @@ Measured with ``deltatune bench --multitask`` (``deltatune.bench.multitask``).
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,7 @@ from deltatune.serve._share import share_copy
 from deltatune.targeting import innermost, is_delta, iter_sites, set_module
 
 BIAS_LAYERS = (nn.Linear, nn.LayerNorm, nn.Conv2d)
+_VERSION = operator.attrgetter("_version")
 Op = tuple[str, Any]  # ("bias", Parameter) | ("ssf", SSF) | ("lora", LoRALinear) | ("adapter", Adapter)
 
 
@@ -98,6 +101,7 @@ class Context:
 
     idx: Tensor
     groups: list[tuple[int, int, int]]  # (task position, start row, end row)
+    width: int  # the widest head's class count: every row's logits are padded to it
 
 
 class MixedSite(nn.Module):
@@ -114,15 +118,22 @@ class MixedSite(nn.Module):
         if self.fold and not self.bare:
             self.fold = 0 if lead[0] == "ssf" else 1  # a layer without a bias-free form: base(x), then the tables
 
-    def _table(self, key: str, params: list[Tensor], build: Any) -> Any:
-        """``build()``; without autograd, reused until one of ``params`` changes (their version counters)."""
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() or any(t.is_inference() for t in params):
-            return build()  # (inference tensors keep no version counter)
-        versions = tuple((id(t), t._version) for t in params)
-        hit = self._cache.get(key)
-        if hit is None or hit[0] != versions:
-            hit = self._cache[key] = (versions, build())
-        return hit[1]
+    def _table(self, key: str, params: Callable[[], list[Tensor]], build: Callable[[], Any]) -> Any:
+        """``build()``; without autograd, reused until one of ``params()`` changes (their version counters). The
+        parameter list is taken once: a site's per-task modules are fixed until the mixed model is rebuilt."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return build()
+        entry = self._cache.get(key)
+        if entry is None:
+            ps = [p for p in params() if isinstance(p, nn.Parameter)]  # fillers (ones, zeros) are fixed
+            entry = self._cache[key] = [ps, any(p.is_inference() for p in ps), None, None]
+        ps, inference, versions, value = entry
+        if inference:
+            return build()  # inference tensors keep no version counter
+        now = tuple(map(_VERSION, ps))
+        if now != versions:
+            entry[2], entry[3] = now, build()
+        return entry[3]
 
     def forward(self, x: Tensor) -> Tensor:
         groups = self.ctx.groups
@@ -160,16 +171,14 @@ class MixedSite(nn.Module):
                 bs = [b - own for b in bs]
             return _fold(bs, ssfs, y.shape[self.dim], y)
 
-        params = [p for p in [*(biases or []), own, *_ssf_params(ssfs)] if isinstance(p, nn.Parameter)]
-        scale, shift = self._table("affine", params, build)
+        scale, shift = self._table("affine", lambda: [*(biases or []), own, *_ssf_params(ssfs)], build)
         if scale is None:
             return y.add_(self._rows(shift, y.ndim)) if _inplace(y, x) else y + self._rows(shift, y.ndim)
         return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim), out=y if _inplace(y, x) else None)
 
     def _ssf(self, x: Tensor, y: Tensor, per_task: list[SSF | None]) -> Tensor:
-        params = _ssf_params(per_task)
-        c = y.shape[self.dim]
-        scale, shift = self._table(f"ssf{id(per_task)}", params, lambda: _fold(None, per_task, c, y))
+        c, key = y.shape[self.dim], f"ssf{id(per_task)}"
+        scale, shift = self._table(key, lambda: _ssf_params(per_task), lambda: _fold(None, per_task, c, y))
         return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim), out=y if _inplace(y, x) else None)
 
     def _lora_inplace(self, x: Tensor, y: Tensor, per_task: list[LoRALinear | None]) -> Tensor:
@@ -255,11 +264,12 @@ class MixedHead(nn.Module):
 
     def __init__(self, heads: list[nn.Module], ctx: Context) -> None:
         super().__init__()
-        self.heads, self.ctx, self.width = heads, ctx, 0
+        self.heads, self.ctx = heads, ctx
 
     def forward(self, x: Tensor) -> Tensor:
         outs = [self.heads[pos](x[start:end]) for pos, start, end in self.ctx.groups]
-        return torch.cat([o if o.shape[-1] == self.width else F.pad(o, (0, self.width - o.shape[-1]), value=-math.inf)
+        width = self.ctx.width
+        return torch.cat([o if o.shape[-1] == width else F.pad(o, (0, width - o.shape[-1]), value=-math.inf)
                           for o in outs])
 
 
@@ -318,6 +328,6 @@ def run(net: nn.Module, x: Any, positions: list[int], counts: list[int], width: 
     head = net.__dict__["_mixed_head"]
     if head is None:
         raise DeltaTuneError("mixed batch: the tasks have no classification head")
-    head.width = width
+    ctx.width = width
     out = net(**x) if isinstance(x, dict) else net(x)
     return out.logits if hasattr(out, "logits") else out

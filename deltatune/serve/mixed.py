@@ -8,6 +8,7 @@ At a site, the base layer runs once for the whole batch, then each task's deltas
 - SSF further out: ``y * scale[task] + shift[task]``, one gather and one addcmul;
 - LoRA (Linear, fused-qkv parts included): ``y[rows] += s B A x[rows]`` per task slice (low rank, no weight copy);
   without autograd the matmul accumulates into y's rows itself (``addmm_``);
+- FacT (TT and TK): ``y[rows] += s V M U^T x[rows]`` per task slice, like LoRA;
 - adapters: ``z + up(act(down(z)))`` per task slice.
 
 A site keeps each task's own ordering of stacked deltas (SSF over LoRA differs from LoRA over SSF). With autograd
@@ -32,6 +33,7 @@ from deltatune.checkpoint import plain_parameters
 from deltatune.core import state_of
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adapter import Adapter
+from deltatune.methods.fact import FacTLinear
 from deltatune.methods.lora import LoRALinear
 from deltatune.methods.ssf import SSF, channel_dim
 from deltatune.serve._share import share_copy
@@ -88,6 +90,8 @@ def _chain(name: str, module: nn.Module) -> tuple[list[Op] | None, str]:
             ops.append(("ssf", module))
         elif isinstance(module, LoRALinear) and isinstance(module.dropout, nn.Identity) and not module.merged:
             ops.append(("lora", module))
+        elif isinstance(module, FacTLinear) and not module.merged:  # its dropout acts on each slice as on a batch
+            ops.append(("fact", module))
         elif isinstance(module, Adapter):
             ops.append(("adapter", module))
         else:
@@ -144,8 +148,8 @@ class MixedSite(nn.Module):
             y = self.base(x) if y is None else y
             if kind == "ssf":
                 y = self._ssf(x, y, per_task)
-            elif kind == "lora" and _inplace(y, x):
-                y = self._lora_inplace(x, y, per_task)
+            elif kind in ("lora", "fact") and _inplace(y, x):
+                y = self._add_inplace(x, y, per_task)
             else:
                 y = self._sliced(x, y, kind, per_task)
         return y
@@ -181,14 +185,17 @@ class MixedSite(nn.Module):
         scale, shift = self._table(key, lambda: _ssf_params(per_task), lambda: _fold(None, per_task, c, y))
         return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim), out=y if _inplace(y, x) else None)
 
-    def _lora_inplace(self, x: Tensor, y: Tensor, per_task: list[LoRALinear | None]) -> Tensor:
-        """Without autograd: each task's ``s B (A x)`` accumulated into its rows of y by the matmul itself."""
+    def _add_inplace(self, x: Tensor, y: Tensor, per_task: list[LoRALinear | FacTLinear | None]) -> Tensor:
+        """Without autograd: each task's update added into its rows of y (LoRA's ``s B (A x)`` by the matmul)."""
         out = y.shape[-1]
         for pos, start, end in self.ctx.groups:
             m = per_task[pos]
             if m is None:
                 continue
             part = y[start:end]
+            if isinstance(m, FacTLinear):
+                part.add_(m.fact_delta(x[start:end], out))
+                continue
             rows = getattr(m, "rows", None)  # a fused-qkv LoRA updates some output rows only
             if (rows is None or len(rows) == out) and m.lora_b.shape[0] == 1 and y.is_contiguous():
                 h = F.linear(x[start:end], m.lora_a)  # (b, ..., r)
@@ -204,7 +211,9 @@ class MixedSite(nn.Module):
         parts = []
         for pos, start, end in self.ctx.groups:
             m, part = per_task[pos], y[start:end]
-            if m is not None and kind == "lora":
+            if m is not None and kind == "fact":
+                part = part + m.fact_delta(x[start:end], part.shape[-1])
+            elif m is not None and kind == "lora":
                 delta = m.lora_delta(x[start:end])
                 rows = getattr(m, "rows", None)  # a fused-qkv LoRA updates some output rows only
                 part = part + delta if rows is None or len(rows) == part.shape[-1] else part.index_add(-1, rows, delta)

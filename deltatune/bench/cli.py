@@ -10,7 +10,8 @@ the configuration's resident weights and optimizer state; on CPU the activation 
 (``deltatune.bench.measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
 formulas (``deltatune.kernels.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
 forces LoRA to recompute its LayerNorm/GELU inputs in backward (the default on CUDA only; ``deltatune.kernels.lora``),
-to show on CPU the memory that LoRA keeps on a GPU.
+to show on CPU the memory that LoRA keeps on a GPU. ``--multitask 1,4,16`` times mixed-task batches instead
+(``deltatune.bench.multitask``).
 """
 
 from __future__ import annotations
@@ -299,7 +300,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated subset of {', '.join(METHODS + PEFT_METHODS)} (floor and full always run)",
+        help=f"comma-separated subset of {', '.join(METHODS + PEFT_METHODS)} (floor and full always run); "
+        "with --multitask, of ssf, bitfit, lora",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (training and inference)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

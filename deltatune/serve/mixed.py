@@ -115,7 +115,7 @@ class MixedSite(nn.Module):
         super().__init__()
         self.base, self.slots, self.ctx = base, slots, ctx
         self.dim = channel_dim(base)
-        self._cache: dict[str, tuple[tuple, Any]] = {}
+        self._cache: dict[str, list[Any]] = {}  # key -> [parameters, inference?, their versions, value]
         lead = [k for k, _ in slots[:2]]
         self.fold = 2 if lead == ["bias", "ssf"] else 1 if lead[0] in ("bias", "ssf") else 0
         self.bare = _has_bare(base)
@@ -131,11 +131,10 @@ class MixedSite(nn.Module):
         if entry is None:
             ps = [p for p in params() if isinstance(p, nn.Parameter)]  # fillers (ones, zeros) are fixed
             entry = self._cache[key] = [ps, any(p.is_inference() for p in ps), None, None]
-        ps, inference, versions, value = entry
-        if inference:
+        if entry[1]:
             return build()  # inference tensors keep no version counter
-        now = tuple(map(_VERSION, ps))
-        if now != versions:
+        now = tuple(map(_VERSION, entry[0]))
+        if now != entry[2]:
             entry[2], entry[3] = now, build()
         return entry[3]
 
@@ -207,7 +206,7 @@ class MixedSite(nn.Module):
         return y
 
     def _sliced(self, x: Tensor, y: Tensor, kind: str, per_task: list[Any]) -> Tensor:
-        """LoRA and adapters: each task's module on its own slice of rows; rows of other tasks pass unchanged."""
+        """LoRA, FacT and adapters: each task's module on its own slice of rows; other tasks' rows pass unchanged."""
         parts = []
         for pos, start, end in self.ctx.groups:
             m, part = per_task[pos], y[start:end]

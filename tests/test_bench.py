@@ -90,3 +90,65 @@ def test_unknown_configuration_is_a_user_error() -> None:
 
     with pytest.raises(DeltaTuneError, match="unknown configuration"):
         bench.main(["--model", "test_vit", "--img-size", "32", "--methods", "nope"])
+
+
+@pytest.fixture(scope="module")
+def multitask_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench_mt")
+    argv = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch", "4", "--steps", "1"]
+    argv += ["--warmup", "0", "--multitask", "1,2", "--json", str(out / "m.json"), "--md", str(out / "m.md")]
+    assert bench.main(argv) == 0
+    return json.loads((out / "m.json").read_text()), out
+
+
+def test_multitask_report_has_every_variant_and_consistent_ratios(multitask_report: tuple[dict, Path]) -> None:
+    data, out = multitask_report
+    rows = {(r["method"], r["tasks"], r["variant"]): r for r in data["results"]}
+    for method in ("ssf", "bitfit", "lora"):
+        for n in (1, 2):
+            variants = {"single", "mixed", "grouped", "merged"} | ({"peft"} if method == "lora" else set())
+            assert {v for m, k, v in rows if (m, k) == (method, n)} == variants
+            single = rows[method, n, "single"]
+            for v in variants:
+                r = rows[method, n, v]
+                assert len(r["ms_all"]) == 1 and r["ms"] == r["ms_all"][0] > 0
+                assert math.isclose(r["x_single_paired"], r["ms"] / single["ms"])
+                assert r["max_err"] < 1e-4, (method, n, v)  # against each task's file loaded by load_delta
+    assert data["meta"]["multitask"] == "1,2"
+    text = (out / "m.md").read_text()
+    assert text.startswith("```\ndeltatune bench --device cpu") and "| lora | 2 |" in text
+
+
+def test_multitask_variants_equal_separately_loaded_task_models(tmp_path: Path) -> None:
+    """Every variant's row i equals row i through its task's file loaded into a fresh timm model (peft included)."""
+    import timm
+    import torch
+
+    import deltatune
+    from deltatune.bench import multitask
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model("test_vit", num_classes=7, img_size=32)
+
+    setup = multitask.Setup(make, "lora", 3, tmp_path, peft=True)
+    x = torch.randn(5, 3, 32, 32)
+    refs = [deltatune.load_delta(make(), p).eval()(x) for p in setup.paths]  # each task's model on the whole batch
+    want = torch.stack([refs[i % 3][i] for i in range(5)])
+    with torch.inference_mode():
+        for name, fn in multitask.variants(setup, 3, x, compile_models=False).items():
+            got = fn()
+            if name == "single":
+                torch.testing.assert_close(got, refs[0], atol=1e-5, rtol=1e-5)
+            else:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_multitask_counts_are_checked() -> None:
+    from deltatune.bench.multitask import parse_counts
+    from deltatune.errors import DeltaTuneError
+
+    assert parse_counts("1,4,16") == [1, 4, 16]
+    for bad in ("", "0,2", "a"):
+        with pytest.raises(DeltaTuneError, match="task counts"):
+            parse_counts(bad)

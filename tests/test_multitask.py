@@ -13,7 +13,8 @@ from torch import nn
 
 import deltatune
 from deltatune import DeltaTuneError
-from deltatune.serve import MultiTaskModel
+from deltatune.serve import MultiTaskModel, mixed
+from deltatune.serve._share import share_copy
 
 # (task name, methods, options, classes): different class counts per task
 SPECS = [
@@ -23,6 +24,7 @@ SPECS = [
     ("adapter", "adapter", {}, 6),
     ("combo", [deltatune.SSFConfig(), deltatune.LoRAConfig(target_modules=["attn.qkv", "mlp.fc1"])], {}, 2),
     ("vpt", "vpt-deep", {}, 3),
+    ("fact", "fact-tt", {"r": 4, "dropout": 0.0}, 4),  # no dropout: the joint-training gradients are exact
 ]
 
 
@@ -68,16 +70,20 @@ def _single(path: str, classes: int) -> nn.Module:
 
 def test_mixed_rows_equal_single_task_models(tmp_path):
     mt, paths = _setup(tmp_path)
-    names = ["ssf", "lora", "bitfit", "adapter", "combo", "ssf", "lora", "combo"]
+    names = ["ssf", "lora", "bitfit", "adapter", "combo", "ssf", "lora", "combo", "fact"]
     x = torch.randn(len(names), 3, 32, 32)
     with torch.no_grad():
         out = mt(x, names)
         refs = {n: _single(paths[n], c)(x) for n, _, _, c in SPECS if n in names}
-    assert out.shape == (8, 6)
+    assert out.shape == (9, 6)
     for i, (name, row) in enumerate(zip(names, mt.split(out, names))):
         torch.testing.assert_close(row, refs[name][i], atol=1e-5, rtol=1e-5)
         assert torch.isinf(out[i, len(row) :]).all()
     assert all(mt.task(n).plan is not None for n in names)  # these ran through the per-row kernels
+    backbone = make_backbone("vit")
+    fact = deltatune.apply(share_copy(backbone), "fact-tt")  # with its default dropout (0.1): mixes per row too
+    plan, why = mixed.plan(fact, backbone)
+    assert plan is not None and why == "" and fact.blocks[0].attn.qkv.dropout.p == 0.1
 
 
 def test_tasks_without_a_mixed_kernel_run_grouped(tmp_path):
@@ -90,6 +96,15 @@ def test_tasks_without_a_mixed_kernel_run_grouped(tmp_path):
         vpt, ssf = _single(paths["vpt"], 3)(x), _single(paths["ssf"], 3)(x)
     torch.testing.assert_close(out[[0, 2], :3], vpt[[0, 2]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1, :3], ssf[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        strict = mt(x[[1, 3]], ["ssf", "bitfit"], strict=True)  # these mix: strict changes nothing
+    torch.testing.assert_close(strict, out[[1, 3]], atol=1e-5, rtol=1e-5)
+    try:
+        mt(x, names, strict=True)
+    except DeltaTuneError as e:
+        assert all(w in str(e) for w in ("cannot mix per row", "'vpt'", "vpt-deep", "strict=False"))
+    else:
+        raise AssertionError("strict per-row mixing accepted a VPT task")
 
 
 def test_tasks_share_the_backbone_storage(tmp_path):
@@ -116,12 +131,13 @@ def test_tasks_share_the_backbone_storage(tmp_path):
 
 def test_joint_training_gradients_equal_single_task_gradients(tmp_path):
     mt, paths = _setup(tmp_path)
-    names, targets = ["ssf", "lora", "ssf", "adapter", "lora"], torch.tensor([0, 4, 2, 5, 1])
-    x = torch.randn(5, 3, 32, 32)
+    names = ["ssf", "lora", "ssf", "adapter", "lora", "bitfit", "combo", "bitfit", "fact"]
+    targets = torch.tensor([0, 4, 2, 5, 1, 3, 1, 0, 3])
+    x = torch.randn(len(names), 3, 32, 32)
     mt.train()
     loss = nn.functional.cross_entropy(mt(x, names), targets, reduction="sum")
     loss.backward()
-    for name, classes in (("ssf", 3), ("lora", 5), ("adapter", 6)):
+    for name, classes in (("ssf", 3), ("lora", 5), ("adapter", 6), ("bitfit", 4), ("combo", 2), ("fact", 4)):
         ref = _single(paths[name], classes)
         rows = [i for i, n in enumerate(names) if n == name]
         nn.functional.cross_entropy(ref(x[rows]), targets[rows], reduction="sum").backward()
@@ -184,3 +200,22 @@ def test_inference_tables_follow_changed_deltas(tmp_path):
         for model in (mt.task_model("ssf"), ref):
             model.blocks[0].norm1.ssf_scale.mul_(1.5)
         torch.testing.assert_close(mt(x, names)[0, :3], ref(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_channels_first_layernorm_mixes_per_row(tmp_path):
+    """ConvNeXt's channels-first LayerNorm2d: BitFit and SSF rows equal their own models (with and without grad)."""
+    specs = [("bitfit", "bitfit", 11), ("ssf", "ssf", 12), ("both", ["ssf", "bitfit"], 13)]
+    mt, refs = MultiTaskModel(make_backbone("convnext").eval()), {}
+    for name, method, seed in specs:
+        model = deltatune.apply(make_backbone("convnext").eval(), method)
+        perturb_deltas(model, seed=seed)
+        deltatune.save_delta(model, tmp_path / f"{name}.safetensors")
+        mt.add_task(name, tmp_path / f"{name}.safetensors")
+        refs[name] = deltatune.load_delta(make_backbone("convnext").eval(), tmp_path / f"{name}.safetensors")
+    assert all(mt.task(n).plan is not None for n, _, _ in specs)
+    names = ["ssf", "bitfit", "both", "bitfit", "ssf"]
+    x = torch.randn(len(names), 3, 32, 32)
+    want = torch.stack([refs[n](x)[i] for i, n in enumerate(names)])
+    with torch.no_grad():
+        torch.testing.assert_close(mt(x, names), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mt(x, names), want, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,8 @@ the configuration's resident weights and optimizer state; on CPU the activation 
 (``deltatune.bench.measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
 formulas (``deltatune.kernels.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
 forces LoRA to recompute its LayerNorm/GELU inputs in backward (now the default on every device, so it equals
-``lora``; ``deltatune.kernels.lora``).
+``lora``; ``deltatune.kernels.lora``). ``--multitask 1,4,16`` times mixed-task batches instead
+(``deltatune.bench.multitask``).
 """
 
 from __future__ import annotations
@@ -19,12 +20,8 @@ import argparse
 import contextlib
 import copy
 import json
-import os
-import platform
-import shlex
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +35,7 @@ from torch import Tensor, nn
 
 import deltatune
 from deltatune import kernels
+from deltatune.bench import _report, multitask
 from deltatune.bench.measure import count_saved, cuda_peak, paired_ratio, resident_bytes, round_robin
 from deltatune.targeting import find_head, is_delta
 
@@ -179,8 +177,6 @@ def _inference(model: nn.Module, x: Tensor, amp: torch.dtype | None, plain: bool
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Runs every configuration and returns the report (meta and one result per configuration)."""
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     amp = torch.bfloat16 if args.dtype == "bf16" else None
     names = [n.strip() for n in args.methods.split(",")] if args.methods else [*METHODS, *PEFT_METHODS]
     unknown = set(names) - {*METHODS, *PEFT_METHODS}
@@ -205,7 +201,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         case.result = {"name": case.name, "trainable": case.trainable, "step_ms_all": times[case.name]}
         case.result.update(measure_memory(case, x, target, amp))
     infer = _inference_times(cases, x, amp, args)
-    return {"meta": _meta(args, device), "results": _results(cases, infer, args.batch)}
+    return {"meta": _report.meta(args, device), "results": _results(cases, infer, args.batch)}
 
 
 def _inference_times(
@@ -252,35 +248,6 @@ def _results(cases: dict[str, Case], infer: dict[str, list[float]], batch: int) 
     return out
 
 
-def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    cuda = device.type == "cuda"
-    try:
-        import peft
-
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
-    return {
-        "command": "deltatune bench " + shlex.join(args.argv),
-        "model": args.model,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else f"{platform.machine()}, {os.cpu_count()} cores",
-        "threads": torch.get_num_threads(),
-        "batch": args.batch,
-        "img_size": args.img_size,
-        "dtype": args.dtype,
-        "compile": args.compile,
-        "clock": args.clock,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "infer_batch": args.infer_batch,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "peft": peft_version,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
-
-
 COLUMNS: list[tuple[str, str, str]] = [  # (header, result key, format)
     ("config", "name", "{}"),
     ("step ms", "step_ms", "{:.1f}"),
@@ -308,21 +275,6 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def markdown(report: dict[str, Any], text: str) -> str:
-    """The report as a Markdown page: the command first, then the setting and the table."""
-    m = report["meta"]
-    memory = "CUDA peak" if m["device"].startswith("cuda") else "activations saved for backward (weights left out)"
-    return (
-        f"```\n{m['command']}\n```\n\n"
-        f"{m['model']}, {m['img_size']} px, batch {m['batch']}, {m['dtype']}, {m['device']} ({m['device_name']}, "
-        f"{m['threads']} threads), {'torch.compile' if m['compile'] else 'eager'}; median of {m['steps']} steps "
-        f"after {m['warmup']} warm-up rounds, stepped round-robin, {m['clock']} clock; MiB: {memory}; "
-        "'paired' and 'merged x plain': medians of same-round ratios; 'best': fastest over fastest, as noise "
-        "on a shared machine only ever adds time. "
-        f"torch {m['torch']}, timm {m['timm']}, peft {m['peft']}, {m['date']}.\n\n{text}\n"
-    )
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench's options."""
     cuda = torch.cuda.is_available()
@@ -348,7 +300,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated subset of {', '.join(METHODS + PEFT_METHODS)} (floor and full always run)",
+        help=f"comma-separated subset of {', '.join(METHODS + PEFT_METHODS)} (floor and full always run); "
+        "with --multitask, of ssf, bitfit, lora",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (training and inference)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -357,6 +310,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("wall", "cpu"),
         default="wall",
         help="wall clock, or this process's CPU time (with --threads 1: robust to other processes on a shared machine)",
+    )
+    parser.add_argument(
+        "--multitask",
+        default=None,
+        metavar="N,N,...",
+        help="time mixed-task batches of N tasks instead (ssf, bitfit, lora; deltatune.bench.multitask)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     parser.add_argument("--md", type=Path, default=None, help="write the table as Markdown here, command on top")
@@ -373,15 +332,21 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "argv", None) is None:  # mounted as `deltatune bench`: what follows the subcommand
         argv = sys.argv[1:]
         args.argv = argv[argv.index("bench") + 1 :] if "bench" in argv else argv
-    report = run_bench(args)
-    text = table(report)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.multitask:
+        report = {"meta": _report.meta(args, torch.device(args.device)), **multitask.run_multitask(args)}
+        text, line = multitask.table(report), multitask.describe(report["meta"])
+    else:
+        report = run_bench(args)
+        text, line = table(report), _report.setting(report["meta"])
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(markdown(report, text))
+        args.md.write_text(_report.markdown(report, line, text))
     return 0
 
 

@@ -164,16 +164,20 @@ class FacTLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
+        y = self.base(x)
+        return y + self.fact_delta(x, y.shape[-1])
+
+    def fact_delta(self, x: Tensor, out: int) -> Tensor:
+        """The update for input x: (..., out) (the forward and the mixed-batch kernel share it)."""
         f = self.fact_factors
         m = self.cores()
         r = m.shape[-1]
-        y = self.base(x)
         d = f.fact_u.shape[1]
         h = F.pad(x, (0, self.a * d - x.shape[-1])).unflatten(-1, (self.a, d))  # (..., a, d)
         h = F.linear(h, f.fact_u).flatten(-2)  # (..., a*r)
         h = F.linear(h, m.permute(0, 2, 1, 3).reshape(self.b * r, self.a * r))  # (..., b*r)
         h = F.linear(self.dropout(h).unflatten(-1, (self.b, r)), f.fact_v).flatten(-2)  # (..., b*d)
-        return y + h[..., : y.shape[-1]] * self.scale
+        return h[..., :out] * self.scale
 
     def delta_parameters(self) -> list[nn.Parameter]:
         own = [self.fact_core] if hasattr(self, "fact_core") else []

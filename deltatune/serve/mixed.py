@@ -3,17 +3,25 @@
 Rows arrive sorted by task (``MultiTaskModel.forward`` sorts and unsorts), so each task's rows are one slice.
 At a site, the base layer runs once for the whole batch, then each task's deltas act on its rows:
 
-- BitFit bias: ``base(x) without bias + bias[task]``: a gather of the stacked biases (the backbone's for others);
-- SSF: ``y * scale[task] + shift[task]``: one gather and one addcmul (ones and zeros for tasks without it);
+- the layer's own bias, BitFit's bias and a first SSF fold into one pass over the layer's bias-free output:
+  ``bare(x) * s[task] + (s b + t)[task]`` (a gather of stacked per-task tables, ones/zeros for tasks without);
+- SSF further out: ``y * scale[task] + shift[task]``, one gather and one addcmul;
 - LoRA (Linear, fused-qkv parts included): ``y[rows] += s B A x[rows]`` per task slice (low rank, no weight copy);
+  without autograd the matmul accumulates into y's rows itself (``addmm_``);
+- FacT (TT and TK): ``y[rows] += s V M U^T x[rows]`` per task slice, like LoRA;
 - adapters: ``z + up(act(down(z)))`` per task slice.
 
-A site keeps each task's own ordering of stacked deltas (SSF over LoRA differs from LoRA over SSF). The tables are
-stacked from the tasks' own parameters at every forward, so gradients reach each task's deltas (joint training).
+A site keeps each task's own ordering of stacked deltas (SSF over LoRA differs from LoRA over SSF). With autograd
+the tables are stacked from the tasks' own parameters at every forward, so gradients reach each task's deltas
+(joint training); without it they are cached until a parameter changes (version counters) and applied in place.
+Measured with ``deltatune bench --multitask`` (``deltatune.bench.multitask``).
 """
 
 from __future__ import annotations
 
+import math
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,12 +33,14 @@ from deltatune.checkpoint import plain_parameters
 from deltatune.core import state_of
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adapter import Adapter
+from deltatune.methods.fact import FacTLinear
 from deltatune.methods.lora import LoRALinear
 from deltatune.methods.ssf import SSF, channel_dim
 from deltatune.serve._share import share_copy
 from deltatune.targeting import innermost, is_delta, iter_sites, set_module
 
 BIAS_LAYERS = (nn.Linear, nn.LayerNorm, nn.Conv2d)
+_VERSION = operator.attrgetter("_version")
 Op = tuple[str, Any]  # ("bias", Parameter) | ("ssf", SSF) | ("lora", LoRALinear) | ("adapter", Adapter)
 
 
@@ -80,6 +90,8 @@ def _chain(name: str, module: nn.Module) -> tuple[list[Op] | None, str]:
             ops.append(("ssf", module))
         elif isinstance(module, LoRALinear) and isinstance(module.dropout, nn.Identity) and not module.merged:
             ops.append(("lora", module))
+        elif isinstance(module, FacTLinear) and not module.merged:  # its dropout acts on each slice as on a batch
+            ops.append(("fact", module))
         elif isinstance(module, Adapter):
             ops.append(("adapter", module))
         else:
@@ -93,6 +105,7 @@ class Context:
 
     idx: Tensor
     groups: list[tuple[int, int, int]]  # (task position, start row, end row)
+    width: int  # the widest head's class count: every row's logits are padded to it
 
 
 class MixedSite(nn.Module):
@@ -102,64 +115,104 @@ class MixedSite(nn.Module):
         super().__init__()
         self.base, self.slots, self.ctx = base, slots, ctx
         self.dim = channel_dim(base)
-        self._cache: dict[tuple, tuple[tuple, Tensor]] = {}
+        self._cache: dict[str, list[Any]] = {}  # key -> [parameters, inference?, their versions, value]
+        lead = [k for k, _ in slots[:2]]
+        self.fold = 2 if lead == ["bias", "ssf"] else 1 if lead[0] in ("bias", "ssf") else 0
+        self.bare = _has_bare(base)
+        if self.fold and not self.bare:
+            self.fold = 0 if lead[0] == "ssf" else 1  # a layer without a bias-free form: base(x), then the tables
 
-    def _stacked(self, key: tuple, tensors: list[Tensor]) -> Tensor:
-        """``torch.stack(tensors)``; without autograd, reused until a parameter changes (its version counter)."""
-        if torch.is_grad_enabled() or any(t.is_inference() for t in tensors if isinstance(t, nn.Parameter)):
-            return torch.stack(tensors)  # (inference tensors keep no version counter)
-        versions = tuple((id(t), t._version) for t in tensors if isinstance(t, nn.Parameter))  # fillers are fixed
-        hit = self._cache.get(key)
-        if hit is None or hit[0] != versions:
-            hit = self._cache[key] = (versions, torch.stack(tensors))
-        return hit[1]
+    def _table(self, key: str, params: Callable[[], list[Tensor]], build: Callable[[], Any]) -> Any:
+        """``build()``; without autograd, reused until one of ``params()`` changes (their version counters). The
+        parameter list is taken once: a site's per-task modules are fixed until the mixed model is rebuilt."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return build()
+        entry = self._cache.get(key)
+        if entry is None:
+            ps = [p for p in params() if isinstance(p, nn.Parameter)]  # fillers (ones, zeros) are fixed
+            entry = self._cache[key] = [ps, any(p.is_inference() for p in ps), None, None]
+        if entry[1]:
+            return build()  # inference tensors keep no version counter
+        now = tuple(map(_VERSION, entry[0]))
+        if now != entry[2]:
+            entry[2], entry[3] = now, build()
+        return entry[3]
 
     def forward(self, x: Tensor) -> Tensor:
         groups = self.ctx.groups
         if x.shape[0] != groups[-1][2]:
             raise DeltaTuneError(f"mixed batch: a site saw {x.shape[0]} rows, not the batch's {groups[-1][2]}")
-        y = None
-        for kind, per_task in self.slots:
-            if kind == "bias":
-                y = self._biased(x, per_task)
-            elif kind == "ssf":
-                y = self._ssf(self.base(x) if y is None else y, per_task)
+        y = self._affine(x, self.slots[: self.fold]) if self.fold else None
+        for kind, per_task in self.slots[self.fold :]:
+            y = self.base(x) if y is None else y
+            if kind == "ssf":
+                y = self._ssf(x, y, per_task)
+            elif kind in ("lora", "fact") and _inplace(y, x):
+                y = self._add_inplace(x, y, per_task)
             else:
-                y = self._sliced(x, self.base(x) if y is None else y, kind, per_task)
+                y = self._sliced(x, y, kind, per_task)
         return y
 
     def _rows(self, table: Tensor, ndim: int) -> Tensor:
         """Row ``i`` of the result is ``table[task of row i]``, shaped to broadcast along the channel dim."""
-        g = table[self.ctx.idx]  # (B, C)
+        g = table.index_select(0, self.ctx.idx)  # (B, C)
         shape = [g.shape[0]] + [1] * (ndim - 1)
         shape[self.dim if self.dim >= 0 else ndim - 1] = g.shape[1]
         return g.view(shape)
 
-    def _biased(self, x: Tensor, per_task: list[Any]) -> Tensor:
-        layer = self.base
-        if isinstance(layer, nn.Linear):
-            y = F.linear(x, layer.weight)
-        elif isinstance(layer, nn.LayerNorm):
-            y = F.layer_norm(x, layer.normalized_shape, layer.weight, None, layer.eps)
-        else:
-            y = layer._conv_forward(x, layer.weight, None)
-        default = layer.bias if layer.bias is not None else y.new_zeros(y.shape[self.dim])
-        table = self._stacked(("bias",), [default if p is None else p for p in per_task])
-        return y + self._rows(table, y.ndim)
+    def _affine(self, x: Tensor, slots: list[tuple[str, list[Any]]]) -> Tensor:
+        """The layer's own bias, each task's bias and its first SSF in one pass over the layer's bias-free output:
+        ``bare(x) * s[task] + (s b + t)[task]`` (the tables folded and, without autograd, cached)."""
+        cols = dict(slots)
+        biases, ssfs = cols.get("bias"), cols.get("ssf")
+        own = getattr(self.base, "bias", None)
+        y = _bare(self.base, x) if self.bare else self.base(x)  # no bias-free form: its bias swapped for the task's
 
-    def _ssf(self, y: Tensor, per_task: list[SSF | None]) -> Tensor:
-        c = y.shape[self.dim]
-        one, zero = y.new_ones(c), y.new_zeros(c)
-        scale = self._stacked(("scale", id(per_task)), [one if m is None else m.ssf_scale for m in per_task])
-        shift = self._stacked(("shift", id(per_task)), [zero if m is None else m.ssf_shift for m in per_task])
-        return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim))
+        def build() -> tuple[Tensor | None, Tensor]:
+            bs = [own if b is None else b for b in biases] if biases else [own] * len(ssfs)
+            if not self.bare and own is not None:
+                bs = [b - own for b in bs]
+            return _fold(bs, ssfs, y.shape[self.dim], y)
+
+        scale, shift = self._table("affine", lambda: [*(biases or []), own, *_ssf_params(ssfs)], build)
+        if scale is None:
+            return y.add_(self._rows(shift, y.ndim)) if _inplace(y, x) else y + self._rows(shift, y.ndim)
+        return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim), out=y if _inplace(y, x) else None)
+
+    def _ssf(self, x: Tensor, y: Tensor, per_task: list[SSF | None]) -> Tensor:
+        c, key = y.shape[self.dim], f"ssf{id(per_task)}"
+        scale, shift = self._table(key, lambda: _ssf_params(per_task), lambda: _fold(None, per_task, c, y))
+        return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim), out=y if _inplace(y, x) else None)
+
+    def _add_inplace(self, x: Tensor, y: Tensor, per_task: list[LoRALinear | FacTLinear | None]) -> Tensor:
+        """Without autograd: each task's update added into its rows of y (LoRA's ``s B (A x)`` by the matmul)."""
+        out = y.shape[-1]
+        for pos, start, end in self.ctx.groups:
+            m = per_task[pos]
+            if m is None:
+                continue
+            part = y[start:end]
+            if isinstance(m, FacTLinear):
+                part.add_(m.fact_delta(x[start:end], out))
+                continue
+            rows = getattr(m, "rows", None)  # a fused-qkv LoRA updates some output rows only
+            if (rows is None or len(rows) == out) and m.lora_b.shape[0] == 1 and y.is_contiguous():
+                h = F.linear(x[start:end], m.lora_a)  # (b, ..., r)
+                part.view(-1, out).addmm_(h.reshape(-1, h.shape[-1]), m.lora_b[0].t(), alpha=m.scaling)
+            elif rows is None or len(rows) == out:
+                part.add_(m.lora_delta(x[start:end]))
+            else:
+                part.index_add_(-1, rows, m.lora_delta(x[start:end]))
+        return y
 
     def _sliced(self, x: Tensor, y: Tensor, kind: str, per_task: list[Any]) -> Tensor:
-        """LoRA and adapters: each task's module on its own slice of rows; rows of other tasks pass unchanged."""
+        """LoRA, FacT and adapters: each task's module on its own slice of rows; other tasks' rows pass unchanged."""
         parts = []
         for pos, start, end in self.ctx.groups:
             m, part = per_task[pos], y[start:end]
-            if m is not None and kind == "lora":
+            if m is not None and kind == "fact":
+                part = part + m.fact_delta(x[start:end], part.shape[-1])
+            elif m is not None and kind == "lora":
                 delta = m.lora_delta(x[start:end])
                 rows = getattr(m, "rows", None)  # a fused-qkv LoRA updates some output rows only
                 part = part + delta if rows is None or len(rows) == part.shape[-1] else part.index_add(-1, rows, delta)
@@ -171,16 +224,61 @@ class MixedSite(nn.Module):
         return torch.cat(parts)
 
 
+def _inplace(y: Tensor, x: Tensor) -> bool:
+    """Whether the site's output so far may be overwritten: no autograd or compiler to keep it, and not the site's
+    input itself (a base that returns its input, like Identity)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+def _has_bare(layer: nn.Module) -> bool:
+    """Whether ``_bare`` can run the layer without its bias."""
+    if isinstance(layer, nn.LayerNorm):
+        return channel_dim(layer) == -1  # not timm's channels-first LayerNorm2d
+    return isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward)
+
+
+def _bare(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` without its bias. LayerNorm keeps its weight: without any affine it runs a slower kernel
+    (2x on CPU)."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, layer.weight)
+    if isinstance(layer, nn.LayerNorm):
+        return F.layer_norm(x, layer.normalized_shape, layer.weight, None, layer.eps)
+    return layer._conv_forward(x, layer.weight, None)
+
+
+def _ssf_params(ssfs: list[SSF | None] | None) -> list[Tensor]:
+    return [p for m in ssfs or [] if m is not None for p in (m.ssf_scale, m.ssf_shift)]
+
+
+def _fold(
+    biases: list[Tensor | None] | None, ssfs: list[SSF | None] | None, c: int, like: Tensor
+) -> tuple[Tensor | None, Tensor]:
+    """Per-task (scale, shift) tables, (N, C): SSF's ``s`` and ``s b + t`` (scale None: no SSF, shift = b)."""
+    zero = like.new_zeros(c)
+    bs = [zero if b is None else b for b in biases] if biases is not None else [zero] * len(ssfs)
+    if ssfs is None:
+        return None, torch.stack(bs)
+    one = like.new_ones(c)
+    scales = [one if m is None else m.ssf_scale for m in ssfs]
+    shift = torch.stack([b if m is None else torch.addcmul(m.ssf_shift, b, m.ssf_scale) for b, m in zip(bs, ssfs)])
+    return torch.stack(scales), shift
+
+
 class MixedHead(nn.Module):
     """Each task's own head on its rows, padded with -inf to the widest head."""
 
     def __init__(self, heads: list[nn.Module], ctx: Context) -> None:
         super().__init__()
-        self.heads, self.ctx, self.width = heads, ctx, 0
+        self.heads, self.ctx = heads, ctx
 
     def forward(self, x: Tensor) -> Tensor:
         outs = [self.heads[pos](x[start:end]) for pos, start, end in self.ctx.groups]
-        return torch.cat([F.pad(o, (0, self.width - o.shape[-1]), value=float("-inf")) for o in outs])
+        width = self.ctx.width
+        return torch.cat([o if o.shape[-1] == width else F.pad(o, (0, width - o.shape[-1]), value=-math.inf)
+                          for o in outs])
 
 
 def _merge_order(sequences: list[list[str]]) -> list[str]:
@@ -238,6 +336,6 @@ def run(net: nn.Module, x: Any, positions: list[int], counts: list[int], width: 
     head = net.__dict__["_mixed_head"]
     if head is None:
         raise DeltaTuneError("mixed batch: the tasks have no classification head")
-    head.width = width
+    ctx.width = width
     out = net(**x) if isinstance(x, dict) else net(x)
     return out.logits if hasattr(out, "logits") else out

@@ -10,10 +10,10 @@ Each task is a structural copy of the backbone (``share_copy``) whose frozen ten
 task costs its delta tensors (and its head) only; adding, removing and switching tasks never copies or reloads the
 backbone. ``deltatune.load_delta`` loads each file into its copy, so every file gets all of its checks (integrity,
 backbone class, shapes and the frozen values' hashes). A mixed batch runs in one pass through the backbone where
-every task's deltas have a per-row kernel (SSF, BitFit biases, LoRA on Linear layers, adapters; ``mixed.py``);
-a batch holding a task with other methods (VPT, prompts, prefixes, AdaptFormer, FacT, IA3, ...) runs each task's
-rows through its own model instead (exact, one backbone pass per task: slower). Rows must be independent, which
-holds for transformers; a BatchNorm backbone in train mode always groups.
+every task's deltas have a per-row kernel (SSF, BitFit biases, LoRA on Linear layers, FacT, adapters;
+``mixed.py``); a batch holding a task with other methods (VPT, prompts, prefixes, AdaptFormer, IA3, ...) runs each
+task's rows through its own model instead (exact, one backbone pass per task: slower; ``strict=True`` refuses).
+Rows must be independent, which holds for transformers; a BatchNorm backbone in train mode always groups.
 """
 
 from __future__ import annotations
@@ -118,9 +118,10 @@ class MultiTaskModel(nn.Module):
             del self._tasks[name], self.task_models[name]
             self._mixed = None
 
-    def forward(self, x: Inputs, tasks: str | list[str], grouped: bool = False) -> Tensor:
+    def forward(self, x: Inputs, tasks: str | list[str], grouped: bool = False, strict: bool = False) -> Tensor:
         """Logits of each row under its task: (B, max classes), -inf past a row's own class count (softmax and
-        cross-entropy work on it as they are). ``grouped=True`` runs each task's rows through its own model."""
+        cross-entropy work on it as they are). ``grouped=True`` runs each task's rows through its own model;
+        ``strict=True`` raises DeltaTuneError unless the batch mixes per row in one backbone pass."""
         names = [tasks] * _rows(x) if isinstance(tasks, str) else list(tasks)
         if len(names) != _rows(x):
             raise DeltaTuneError(f"forward: {len(names)} task names for a batch of {_rows(x)} rows; give one per row")
@@ -133,11 +134,13 @@ class MultiTaskModel(nn.Module):
         perm = torch.argsort(rows, stable=True)
         counts = torch.bincount(rows, minlength=len(order)).tolist()
         xs = _take(x, perm)
+        if strict and not grouped:
+            self._check_mixable(order)
         if grouped or not self._mixable(order):
             out = torch.cat([_pad(_logits(t.model, part), width) for t, part in zip(order, _split(xs, counts))])
         else:
             with self._lock:
-                net = self._mixed_model()
+                net = self.mixed_model()
                 out = mixed.run(net, xs, [self._position(t.name) for t in order], counts, width)
         return out[torch.argsort(perm)]
 
@@ -174,10 +177,24 @@ class MultiTaskModel(nn.Module):
                                             for m in self.backbone.modules())
         return not bn_training and all(t.plan is not None for t in order)
 
+    def _check_mixable(self, order: list[Task]) -> None:
+        """Raises DeltaTuneError naming why the batch cannot mix per row (strict mixing was asked for)."""
+        why = next((f"task {t.name!r}: {t.why_grouped}" for t in order if t.plan is None), None)
+        if why is None and not self._mixable(order):
+            why = "the backbone has BatchNorm layers in train mode (rows are not independent)"
+        if why:
+            raise DeltaTuneError(
+                f"forward(strict=True): this batch cannot mix per row ({why}); call with strict=False to run "
+                f"such tasks' rows through their own models (exact, one backbone pass per task), or retrain them "
+                f"with SSF, BitFit, LoRA or adapters"
+            )
+
     def _position(self, name: str) -> int:
         return [t for t in self._tasks.values() if t.plan is not None].index(self._tasks[name])
 
-    def _mixed_model(self) -> nn.Module:
+    def mixed_model(self) -> nn.Module:
+        """The one network that mixes tasks per row (built on first use, rebuilt after add/remove_task); compile it
+        in place with ``.compile()``."""
         if self._mixed is None:
             self._mixed = mixed.build(self.backbone, [t for t in self._tasks.values() if t.plan is not None])
         return self._mixed

@@ -11,12 +11,11 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_run import tiny_config
+from tiny_run import tiny_config, train_until_first_checkpoint
 
 import deltatune
 from deltatune import DeltaTuneError
 from deltatune.data.lm import Blocks
-from deltatune.train import epochs
 from deltatune.train import loop as training
 from deltatune.train.loop import train
 
@@ -122,16 +121,7 @@ def test_lm_head_is_not_trained_and_the_delta_reloads_with_identical_logits(corp
 
 def test_resume_after_an_interrupted_run_gives_identical_deltas(corpus: Path, tmp_path: Path) -> None:
     cfg = _cfg(corpus, tmp_path / "killed", ema_decay=0.9)
-    real = epochs.checkpoint
-
-    def stop(*args: Any) -> None:
-        real(*args)
-        raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(epochs, "checkpoint", stop)
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg)
+    train_until_first_checkpoint(cfg)
     resumed = train({**cfg, "resume": True})
     straight = train(_cfg(corpus, tmp_path / "straight", ema_decay=0.9))
     for name in ("delta.safetensors", "delta_ema.safetensors"):

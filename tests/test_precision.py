@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_backbone, make_input, perturb_deltas, rel_err, run
 from safetensors.torch import load_file
-from tiny_run import tiny_config
+from tiny_run import tiny_config, train_until_first_checkpoint
 from torch import nn
 
 import deltatune
@@ -149,19 +149,8 @@ def test_float32_deltas_with_gradient_checkpointing(method: str, kind: str) -> N
 
 def test_bf16_run_resumes_exactly(tmp_path: Path) -> None:
     """A bf16-backbone run stopped after epoch 1 and resumed ends with the uninterrupted run's float32 deltas."""
-    from deltatune.train import epochs
-
     cfg = tiny_config(tmp_path / "killed", precision="bf16", method="lora", epochs=2, threads=1, max_train_samples=64)
-    real = epochs.checkpoint
-
-    def stop(*args: object) -> None:
-        real(*args)
-        raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(epochs, "checkpoint", stop)
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg)
+    train_until_first_checkpoint(cfg)
     train({**cfg, "resume": True})
     train({**cfg, "output_dir": str(tmp_path / "straight")})
     resumed, straight = (load_file(tmp_path / d / "delta.safetensors") for d in ("killed", "straight"))

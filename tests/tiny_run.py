@@ -57,3 +57,22 @@ def save_word_bert(model_dir: Path, words: list[str], num_labels: int, max_posit
     model = BertForSequenceClassification(tiny_bert_config(len(words) + 5, num_labels, max_positions))
     model.save_pretrained(model_dir)
     return model
+
+
+def train_until_first_checkpoint(cfg: dict[str, Any]) -> None:
+    """Runs ``cfg`` until its first checkpoint is written, then stops it as a kill would (for resume tests)."""
+    import pytest
+
+    from deltatune.train import epochs
+    from deltatune.train.loop import train
+
+    real = epochs.checkpoint
+
+    def stop(*args: object) -> None:
+        real(*args)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(epochs, "checkpoint", stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)

@@ -9,6 +9,8 @@ At a site, the base layer runs once for the whole batch, then each task's deltas
 - LoRA (Linear, fused-qkv parts included): ``y[rows] += s B A x[rows]`` per task slice (low rank, no weight copy);
   without autograd the matmul accumulates into y's rows itself (``addmm_``);
 - FacT (TT and TK): ``y[rows] += s V M U^T x[rows]`` per task slice, like LoRA;
+- IA3: ``y * l[task]`` on the output (a fused qkv's k and v thirds: ones on q), or ``x * l[task]`` on the input of
+  the FFN's second linear (only as a task's innermost delta there);
 - adapters: ``z + up(act(down(z)))`` per task slice.
 
 A site keeps each task's own ordering of stacked deltas (SSF over LoRA differs from LoRA over SSF). With autograd
@@ -34,6 +36,7 @@ from deltatune.core import state_of
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adapter import Adapter
 from deltatune.methods.fact import FacTLinear
+from deltatune.methods.ia3 import IA3
 from deltatune.methods.lora import LoRALinear
 from deltatune.methods.ssf import SSF, channel_dim
 from deltatune.serve._share import share_copy
@@ -94,6 +97,8 @@ def _chain(name: str, module: nn.Module) -> tuple[list[Op] | None, str]:
             ops.append(("fact", module))
         elif isinstance(module, Adapter):
             ops.append(("adapter", module))
+        elif isinstance(module, IA3) and not module.merged and (module.mode != "input" or not is_delta(module.base)):
+            ops.append(("ia3-in" if module.mode == "input" else "ia3", module))  # input scaling: innermost only
         else:
             return None, f"{module.delta_method} at {name} has no per-row kernel (its rows run through its own model)"
         module = module.base
@@ -113,10 +118,11 @@ class MixedSite(nn.Module):
 
     def __init__(self, base: nn.Module, slots: list[tuple[str, list[Any]]], ctx: Context) -> None:
         super().__init__()
+        self.pre = slots.pop(0)[1] if slots and slots[0][0] == "ia3-in" else None  # IA3 scaling the layer's input
         self.base, self.slots, self.ctx = base, slots, ctx
         self.dim = channel_dim(base)
         self._cache: dict[str, list[Any]] = {}  # key -> [parameters, inference?, their versions, value]
-        lead = [k for k, _ in slots[:2]]
+        lead = [k for k, _ in slots[:2]] or [None]
         self.fold = 2 if lead == ["bias", "ssf"] else 1 if lead[0] in ("bias", "ssf") else 0
         self.bare = _has_bare(base)
         if self.fold and not self.bare:
@@ -142,11 +148,16 @@ class MixedSite(nn.Module):
         groups = self.ctx.groups
         if x.shape[0] != groups[-1][2]:
             raise DeltaTuneError(f"mixed batch: a site saw {x.shape[0]} rows, not the batch's {groups[-1][2]}")
+        if self.pre is not None:  # IA3 on the input (the FFN's second linear): x * l[task], then the layer
+            x = x * self._ia3("ia3-in", self.pre, x)
         y = self._affine(x, self.slots[: self.fold]) if self.fold else None
         for kind, per_task in self.slots[self.fold :]:
             y = self.base(x) if y is None else y
             if kind == "ssf":
                 y = self._ssf(x, y, per_task)
+            elif kind == "ia3":  # IA3 on the output (k and v, or the whole output): y * l[task]
+                scale = self._ia3(f"ia3{id(per_task)}", per_task, y)
+                y = y.mul_(scale) if _inplace(y, x) else y * scale
             elif kind in ("lora", "fact") and _inplace(y, x):
                 y = self._add_inplace(x, y, per_task)
             else:
@@ -178,6 +189,16 @@ class MixedSite(nn.Module):
         if scale is None:
             return y.add_(self._rows(shift, y.ndim)) if _inplace(y, x) else y + self._rows(shift, y.ndim)
         return torch.addcmul(self._rows(shift, y.ndim), y, self._rows(scale, y.ndim), out=y if _inplace(y, x) else None)
+
+    def _ia3(self, key: str, per_task: list[IA3 | None], like: Tensor) -> Tensor:
+        """Each row's IA3 scale over the last dim (ones for tasks without IA3 here), shaped to broadcast."""
+        one = like.new_ones(like.shape[-1])
+        table = self._table(
+            key,
+            lambda: [m.ia3_scale for m in per_task if m is not None],
+            lambda: torch.stack([one if m is None else m.scale() for m in per_task]),
+        )
+        return self._rows(table, like.ndim)
 
     def _ssf(self, x: Tensor, y: Tensor, per_task: list[SSF | None]) -> Tensor:
         c, key = y.shape[self.dim], f"ssf{id(per_task)}"
@@ -315,6 +336,9 @@ def build(backbone: nn.Module, tasks: list[Any]) -> nn.Module:
         slots = _merge_order([[k for k, _ in o if k != "bias"] for o in ops])
         if any(k == "bias" for o in ops for k, _ in o):
             slots.insert(0, "bias")  # the base layer's own bias comes before every wrapper
+        if "ia3-in" in slots:  # acts on the layer's input: before everything (each task's innermost op)
+            slots.remove("ia3-in")
+            slots.insert(0, "ia3-in")
         per_task = [_assign(slots, o) for o in ops]
         columns = [(kind, [row[i] for row in per_task]) for i, kind in enumerate(slots)]
         set_module(net, site, MixedSite(innermost(net.get_submodule(site)), columns, ctx))

@@ -87,6 +87,17 @@ def test_mixed_rows_equal_single_task_models(tmp_path):
     assert plan is not None and why == "" and fact.blocks[0].attn.qkv.dropout.p == 0.1
 
 
+def test_a_site_with_only_an_input_scaling_mixes(tmp_path):
+    """fc2 holds nothing but IA3's input scale when every task is IA3: the site still runs its layer."""
+    paths = _paths(str(tmp_path.parent.parent / "multitask_files"))
+    mt = MultiTaskModel(make_backbone("vit"))
+    mt.add_task("a", paths["ia3"])
+    mt.add_task("b", paths["ia3"])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(mt(x, ["a", "b", "b", "a"], strict=True), _single(paths["ia3"], 5)(x))
+
+
 def test_tasks_without_a_mixed_kernel_run_grouped(tmp_path):
     mt, paths = _setup(tmp_path)
     assert mt.task("vpt").plan is None and "vpt-deep" in mt.task("vpt").why_grouped

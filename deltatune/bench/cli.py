@@ -301,7 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         default=None,
         help=f"comma-separated subset of {', '.join(METHODS + PEFT_METHODS)} (floor and full always run); "
-        "with --multitask, of ssf, bitfit, lora",
+        "with --multitask, of ssf, bitfit, lora, ia3",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (training and inference)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -315,7 +315,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--multitask",
         default=None,
         metavar="N,N,...",
-        help="time mixed-task batches of N tasks instead (ssf, bitfit, lora; deltatune.bench.multitask)",
+        help="time mixed-task batches of N tasks instead (ssf, bitfit, lora, ia3; deltatune.bench.multitask)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     parser.add_argument("--md", type=Path, default=None, help="write the table as Markdown here, command on top")

@@ -34,7 +34,7 @@ from deltatune.bench.measure import paired_ratio, round_robin
 from deltatune.errors import DeltaTuneError
 from deltatune.serve import MultiTaskModel
 
-METHODS: dict[str, dict[str, Any]] = {"ssf": {}, "bitfit": {}, "lora": {"r": 8}}
+METHODS: dict[str, dict[str, Any]] = {"ssf": {}, "bitfit": {}, "lora": {"r": 8}, "ia3": {}}
 VARIANTS = ("single", "mixed", "grouped", "merged", "peft")
 NUM_CLASSES = 100
 

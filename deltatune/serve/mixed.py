@@ -162,7 +162,7 @@ class MixedSite(nn.Module):
                 y = self._add_inplace(x, y, per_task)
             else:
                 y = self._sliced(x, y, kind, per_task)
-        return y
+        return self.base(x) if y is None else y  # only an input scaling here (IA3 on fc2)
 
     def _rows(self, table: Tensor, ndim: int) -> Tensor:
         """Row ``i`` of the result is ``table[task of row i]``, shaped to broadcast along the channel dim."""

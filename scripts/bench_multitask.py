@@ -23,6 +23,7 @@ RUNS: dict[str, list[str]] = {  # benchmarks/<name>.md and .json
     "multitask_vit_small": [*VIT_SMALL, *CPU_CLOCK, "--steps", "8"],
     "multitask_vit_small_wall": [*VIT_SMALL, "--steps", "8"],
     "multitask_compiled": [*OFFLINE, *CPU_CLOCK, "--steps", "10", "--compile"],
+    "multitask_ia3_vit_small_wall": [*VIT_SMALL, "--steps", "8", "--methods", "ia3"],
 }
 
 

@@ -44,20 +44,24 @@ def kv_shape(config: Any) -> tuple[int, int, int]:
     return config.num_hidden_layers, heads, head_dim
 
 
-class _DecoderWrapper(nn.Module):
+class Delegating(nn.Module):
+    """A wrapper whose missing attributes come from its ``base``: HF code reaches into the modules it wraps
+    (get_input_embeddings, config, wte, ViT's patch_embeddings)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base, name)
+
+
+class _DecoderWrapper(Delegating):
     """Shared plumbing: binds the stack's call to names, pads the 2-D mask, delegates attributes to the stack."""
 
     def __init__(self, base: nn.Module, p: int):
         super().__init__()
         self.base, self.delta_stage, self.p = base, None, p
         self.train(base.training)  # take the mode of the module it replaces
-
-    def __getattr__(self, name: str) -> Any:
-        # HF code reaches into the stack (get_input_embeddings, config, wte): delegate to the base.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base, name)
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], bool]:
         """The call's arguments by name, the mask padded; and whether the cache is empty (a sequence starts)."""

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from deltatune.core import Applied
 from deltatune.errors import DeltaTuneError
-from deltatune.methods._decoder import DECODERS, DecoderPrompt, decoder_stack
+from deltatune.methods._decoder import DECODERS, DecoderPrompt, Delegating, decoder_stack
 from deltatune.registry import register, require
 from deltatune.targeting import family, is_delta, set_module
 
@@ -134,7 +134,7 @@ class PromptConfig:
         return nn.init.uniform_(prompt, -self.init_range, self.init_range)
 
 
-class SoftPrompt(nn.Module):
+class SoftPrompt(Delegating):
     """Wraps an HF ``embeddings`` module: inserts the prompts into its input or output, (B, L, d) -> (B, L + p, d)."""
 
     delta_method = "prompt"
@@ -145,13 +145,6 @@ class SoftPrompt(nn.Module):
         self.prompt_tokens = nn.Parameter(prompt)  # (p, d)
         self.insert_at, self.at_input = insert_at, at_input
         self.train(base.training)  # take the mode of the module it replaces
-
-    def __getattr__(self, name: str) -> Any:
-        # HF models reach into their embeddings (get_input_embeddings, ViT's patch_embeddings): delegate to the base.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         if self.at_input:

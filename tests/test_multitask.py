@@ -26,6 +26,7 @@ SPECS = [
     ("vpt", "vpt-deep", {}, 3),
     ("fact", "fact-tt", {"r": 4, "dropout": 0.0}, 4),  # no dropout: the joint-training gradients are exact
     ("ia3", "ia3", {}, 5),  # k/v thirds of the fused qkv (output) and fc2's input
+    ("adaptformer", "adaptformer", {"dropout": 0.0}, 6),  # the branch reads norm2's input (the residual stream)
 ]
 
 
@@ -71,12 +72,12 @@ def _single(path: str, classes: int) -> nn.Module:
 
 def test_mixed_rows_equal_single_task_models(tmp_path):
     mt, paths = _setup(tmp_path)
-    names = ["ssf", "lora", "bitfit", "ia3", "adapter", "combo", "ssf", "lora", "combo", "fact", "ia3"]
+    names = ["ssf", "lora", "bitfit", "ia3", "adapter", "combo", "ssf", "lora", "combo", "fact", "ia3", "adaptformer"]
     x = torch.randn(len(names), 3, 32, 32)
     with torch.no_grad():
         out = mt(x, names)
         refs = {n: _single(paths[n], c)(x) for n, _, _, c in SPECS if n in names}
-    assert out.shape == (11, 6)
+    assert out.shape == (12, 6)
     for i, (name, row) in enumerate(zip(names, mt.split(out, names))):
         torch.testing.assert_close(row, refs[name][i], atol=1e-5, rtol=1e-5)
         assert torch.isinf(out[i, len(row) :]).all()
@@ -143,8 +144,8 @@ def test_tasks_share_the_backbone_storage(tmp_path):
 
 def test_joint_training_gradients_equal_single_task_gradients(tmp_path):
     mt, paths = _setup(tmp_path)
-    names = ["ssf", "lora", "ssf", "adapter", "lora", "bitfit", "combo", "bitfit", "fact", "ia3", "ia3"]
-    targets = torch.tensor([0, 4, 2, 5, 1, 3, 1, 0, 3, 4, 2])
+    names = ["ssf", "lora", "ssf", "adapter", "lora", "bitfit", "combo", "bitfit", "fact", "ia3", "ia3", "adaptformer"]
+    targets = torch.tensor([0, 4, 2, 5, 1, 3, 1, 0, 3, 4, 2, 5])
     x = torch.randn(len(names), 3, 32, 32)
     mt.train()
     loss = nn.functional.cross_entropy(mt(x, names), targets, reduction="sum")

@@ -89,11 +89,18 @@ class AdaptFormerConfig:
 
 def _stream_norm(model: nn.Module, name: str) -> nn.Module | None:
     """The plain norm beside the MLP at ``name`` whose input is the residual stream, or None (e.g. ConvNeXt)."""
-    parent = get_module(model, name.rpartition(".")[0]) if "." in name else model
+    norm = stream_norm_name(model, name)
+    # the plain norm: its input is the same whatever wraps it, and it outlives merges
+    return None if norm is None else innermost(get_module(model, norm))
+
+
+def stream_norm_name(model: nn.Module, name: str) -> str | None:
+    """The name of the norm beside the MLP at ``name`` whose input is the residual stream, or None."""
+    parent_name = name.rpartition(".")[0]
+    parent = get_module(model, parent_name) if "." in name else model
     for attr in STREAM_NORMS:
-        norm = getattr(parent, attr, None)
-        if isinstance(norm, nn.Module):
-            return innermost(norm)  # the plain norm: its input is the same whatever wraps it, and it outlives merges
+        if isinstance(getattr(parent, attr, None), nn.Module):
+            return f"{parent_name}.{attr}" if parent_name else attr
     return None
 
 

@@ -11,7 +11,9 @@ At a site, the base layer runs once for the whole batch, then each task's deltas
 - FacT (TT and TK): ``y[rows] += s V M U^T x[rows]`` per task slice, like LoRA;
 - IA3: ``y * l[task]`` on the output (a fused qkv's k and v thirds: ones on q), or ``x * l[task]`` on the input of
   the FFN's second linear (only as a task's innermost delta there);
-- adapters: ``z + up(act(down(z)))`` per task slice.
+- adapters: ``z + up(act(down(z)))`` per task slice;
+- AdaptFormer (timm MLPs): ``mlp(x)[rows] + s up(relu(down(stream[rows])))``, the residual stream handed over by a
+  pre-hook on the block's norm (HF FFN output modules take two inputs and run grouped).
 
 A site keeps each task's own ordering of stacked deltas (SSF over LoRA differs from LoRA over SSF). With autograd
 the tables are stacked from the tasks' own parameters at every forward, so gradients reach each task's deltas
@@ -35,6 +37,7 @@ from deltatune.checkpoint import plain_parameters
 from deltatune.core import state_of
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adapter import Adapter
+from deltatune.methods.adaptformer import AdaptFormer, stream_norm_name
 from deltatune.methods.fact import FacTLinear
 from deltatune.methods.ia3 import IA3
 from deltatune.methods.lora import LoRALinear
@@ -97,6 +100,8 @@ def _chain(name: str, module: nn.Module) -> tuple[list[Op] | None, str]:
             ops.append(("fact", module))
         elif isinstance(module, Adapter):
             ops.append(("adapter", module))
+        elif isinstance(module, AdaptFormer) and not module.hf_output:  # HF FFN outputs take two inputs: grouped
+            ops.append(("adaptformer", module))
         elif isinstance(module, IA3) and not module.merged and (module.mode != "input" or not is_delta(module.base)):
             ops.append(("ia3-in" if module.mode == "input" else "ia3", module))  # input scaling: innermost only
         else:
@@ -120,6 +125,7 @@ class MixedSite(nn.Module):
         super().__init__()
         self.pre = slots.pop(0)[1] if slots and slots[0][0] == "ia3-in" else None  # IA3 scaling the layer's input
         self.base, self.slots, self.ctx = base, slots, ctx
+        self.stream: Tensor | None = None  # AdaptFormer's input: the residual stream its block's norm hands over
         self.dim = channel_dim(base)
         self._cache: dict[str, list[Any]] = {}  # key -> [parameters, inference?, their versions, value]
         lead = [k for k, _ in slots[:2]] or [None]
@@ -162,7 +168,12 @@ class MixedSite(nn.Module):
                 y = self._add_inplace(x, y, per_task)
             else:
                 y = self._sliced(x, y, kind, per_task)
+        self.stream = None  # consumed: the site keeps no activation after the forward
         return self.base(x) if y is None else y  # only an input scaling here (IA3 on fc2)
+
+    def take_stream(self, _norm: nn.Module, args: tuple) -> None:
+        """Forward pre-hook on the block's norm: its input is the residual stream AdaptFormer's branch reads."""
+        self.stream = args[0]
 
     def _rows(self, table: Tensor, ndim: int) -> Tensor:
         """Row ``i`` of the result is ``table[task of row i]``, shaped to broadcast along the channel dim."""
@@ -233,6 +244,9 @@ class MixedSite(nn.Module):
             m, part = per_task[pos], y[start:end]
             if m is not None and kind == "fact":
                 part = part + m.fact_delta(x[start:end], part.shape[-1])
+            elif m is not None and kind == "adaptformer":
+                stream = x if self.stream is None else self.stream  # untapped (ConvNeXt): the MLP's own input
+                part = part + m.branch(stream[start:end])
             elif m is not None and kind == "lora":
                 delta = m.lora_delta(x[start:end])
                 rows = getattr(m, "rows", None)  # a fused-qkv LoRA updates some output rows only
@@ -342,6 +356,11 @@ def build(backbone: nn.Module, tasks: list[Any]) -> nn.Module:
         per_task = [_assign(slots, o) for o in ops]
         columns = [(kind, [row[i] for row in per_task]) for i, kind in enumerate(slots)]
         set_module(net, site, MixedSite(innermost(net.get_submodule(site)), columns, ctx))
+    for site in names:  # after every site is in place: the hook must sit on the module that will run
+        taps = {stream_norm_name(net, site) for t in tasks for k, m in t.plan.sites.get(site, []) if
+                k == "adaptformer" and m.tapped}  # fmt: skip
+        for norm in taps - {None}:
+            net.get_submodule(norm).register_forward_pre_hook(net.get_submodule(site).take_stream)
     head = tasks[0].plan.head if tasks else None
     if head:
         set_module(net, head, MixedHead([t.model.get_submodule(head) for t in tasks], ctx))

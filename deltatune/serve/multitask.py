@@ -10,9 +10,10 @@ Each task is a structural copy of the backbone (``share_copy``) whose frozen ten
 task costs its delta tensors (and its head) only; adding, removing and switching tasks never copies or reloads the
 backbone. ``deltatune.load_delta`` loads each file into its copy, so every file gets all of its checks (integrity,
 backbone class, shapes and the frozen values' hashes). A mixed batch runs in one pass through the backbone where
-every task's deltas have a per-row kernel (SSF, BitFit biases, LoRA on Linear layers, FacT, IA3, adapters;
-``mixed.py``); a batch holding a task with other methods (VPT, prompts, prefixes, AdaptFormer, ...) runs each
-task's rows through its own model instead (exact, one backbone pass per task: slower; ``strict=True`` refuses).
+every task's deltas have a per-row kernel (SSF, BitFit biases, LoRA on Linear layers, FacT, IA3, adapters,
+AdaptFormer on timm MLPs; ``mixed.py``); a batch holding a task with other methods (VPT, prompts, prefixes,
+AdaptFormer on HF FFNs, ...) runs each task's rows through its own model instead (exact, one backbone pass per task:
+slower; ``strict=True`` refuses).
 Rows must be independent, which holds for transformers; a BatchNorm backbone in train mode always groups.
 """
 

@@ -203,12 +203,12 @@ class MixedSite(nn.Module):
 
     def _ia3(self, key: str, per_task: list[IA3 | None], like: Tensor) -> Tensor:
         """Each row's IA3 scale over the last dim (ones for tasks without IA3 here), shaped to broadcast."""
-        one = like.new_ones(like.shape[-1])
-        table = self._table(
-            key,
-            lambda: [m.ia3_scale for m in per_task if m is not None],
-            lambda: torch.stack([one if m is None else m.scale() for m in per_task]),
-        )
+
+        def build() -> Tensor:
+            one = like.new_ones(like.shape[-1])
+            return torch.stack([one if m is None else m.scale() for m in per_task])
+
+        table = self._table(key, lambda: [m.ia3_scale for m in per_task if m is not None], build)
         return self._rows(table, like.ndim)
 
     def _ssf(self, x: Tensor, y: Tensor, per_task: list[SSF | None]) -> Tensor:

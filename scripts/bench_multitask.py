@@ -17,6 +17,7 @@ import sys
 OFFLINE = ["--model", "deltatune_offline_vit", "--img-size", "32", "--batch", "32"]
 VIT_SMALL = ["--model", "vit_small_patch16_224", "--img-size", "112", "--batch", "32"]  # the main bench's model
 CPU_CLOCK = ["--threads", "1", "--clock", "cpu"]
+FACT_ADAPTFORMER = ["--methods", "fact-tt,adaptformer"]
 RUNS: dict[str, list[str]] = {  # benchmarks/<name>.md and .json
     "multitask": [*OFFLINE, *CPU_CLOCK, "--steps", "15"],
     "multitask_wall": [*OFFLINE, "--steps", "15"],
@@ -24,6 +25,8 @@ RUNS: dict[str, list[str]] = {  # benchmarks/<name>.md and .json
     "multitask_vit_small_wall": [*VIT_SMALL, "--steps", "8"],
     "multitask_compiled": [*OFFLINE, *CPU_CLOCK, "--steps", "10", "--compile"],
     "multitask_ia3_vit_small_wall": [*VIT_SMALL, "--steps", "8", "--methods", "ia3"],
+    "multitask_fact_adaptformer_vit_small": [*VIT_SMALL, *CPU_CLOCK, "--steps", "8", *FACT_ADAPTFORMER],
+    "multitask_fact_adaptformer_vit_small_wall": [*VIT_SMALL, "--steps", "8", *FACT_ADAPTFORMER],
 }
 
 

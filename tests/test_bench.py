@@ -104,9 +104,11 @@ def multitask_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Pa
 def test_multitask_report_has_every_variant_and_consistent_ratios(multitask_report: tuple[dict, Path]) -> None:
     data, out = multitask_report
     rows = {(r["method"], r["tasks"], r["variant"]): r for r in data["results"]}
-    for method in ("ssf", "bitfit", "lora"):
+    for method in ("ssf", "bitfit", "lora", "ia3", "fact-tt", "adaptformer"):
         for n in (1, 2):
-            variants = {"single", "mixed", "grouped", "merged"} | ({"peft"} if method == "lora" else set())
+            variants = {"single", "mixed", "grouped"} | ({"peft"} if method == "lora" else set())
+            variants |= set() if method == "adaptformer" else {"merged"}  # not mergeable: no merged deployment
+            assert rows[method, n, "mixed"]["per_row"] is True  # one backbone pass, not grouped by task
             assert {v for m, k, v in rows if (m, k) == (method, n)} == variants
             single = rows[method, n, "single"]
             for v in variants:

@@ -2,13 +2,15 @@
 
     deltatune bench --multitask 1,4,16 --model deltatune_offline_vit --img-size 32 --threads 1 --clock cpu --md out.md
 
-For each method (SSF, BitFit, LoRA r=8) and each task count N, the batch's rows take the N tasks round-robin and
+For each method (SSF, BitFit, LoRA r=8, IA3, FacT-TT, AdaptFormer) and each task count N, the batch's rows take
+the N tasks round-robin and
 these variants are timed round-robin (one call of each per round, the order rotated; ``bench.measure``):
 
 - ``single``: task t0's own unmerged model on the whole batch: the reference every ratio divides by;
 - ``mixed``: ``MultiTaskModel`` mixing the N tasks per row in one backbone pass;
 - ``grouped``: the same rows sorted by task, each task's rows through its own unmerged model;
-- ``merged``: each task's rows through its own MERGED model (the alternative deployment: N backbone copies);
+- ``merged``: each task's rows through its own MERGED model (the alternative deployment: N backbone copies; only
+  for mergeable methods);
 - ``peft``: HF peft's mixed-adapter batch (``adapter_names=``), the same LoRA weights (``save_peft``) (LoRA only).
 
 Every variant's output is compared with the single-task reference: each task's file loaded into a fresh backbone
@@ -30,11 +32,14 @@ import torch
 from torch import Tensor, nn
 
 import deltatune
+from deltatune import registry
 from deltatune.bench.measure import paired_ratio, round_robin
 from deltatune.errors import DeltaTuneError
 from deltatune.serve import MultiTaskModel
 
-METHODS: dict[str, dict[str, Any]] = {"ssf": {}, "bitfit": {}, "lora": {"r": 8}, "ia3": {}}
+METHODS: dict[str, dict[str, Any]] = {
+    "ssf": {}, "bitfit": {}, "lora": {"r": 8}, "ia3": {}, "fact-tt": {}, "adaptformer": {},
+}  # fmt: skip
 VARIANTS = ("single", "mixed", "grouped", "merged", "peft")
 NUM_CLASSES = 100
 
@@ -102,7 +107,8 @@ def variants(setup: Setup, tasks: int, x: Tensor, compile_models: bool) -> dict[
     names = [f"t{i % tasks}" for i in range(len(x))]
     mt = setup.mt
     models = [mt.task_model(f"t{i}") for i in range(tasks)]
-    merged = [setup.loaded(i, merge=True) for i in range(tasks)]
+    mergeable = registry.config_class(setup.method).mergeable
+    merged = [setup.loaded(i, merge=True) for i in range(tasks)] if mergeable else []
     if compile_models:
         for m in {id(m): m for m in [*models, *merged, mt.mixed_model()]}.values():
             m.compile()
@@ -110,8 +116,9 @@ def variants(setup: Setup, tasks: int, x: Tensor, compile_models: bool) -> dict[
         "single": lambda: models[0](x),
         "mixed": lambda: mt(x, names),
         "grouped": lambda: by_task(models, x, names),
-        "merged": lambda: by_task(merged, x, names),
     }
+    if merged:
+        fns["merged"] = lambda: by_task(merged, x, names)
     if setup.peft_dirs:
         pm = setup.peft_model(tasks)
         if compile_models:
@@ -136,12 +143,14 @@ def measure(setup: Setup, tasks: int, x: Tensor, args: argparse.Namespace) -> li
         times = round_robin({k: (lambda fn=fn: fn()) for k, fn in fns.items()}, args.warmup, args.steps, x.device,
                             args.clock)
     single = times["single"]
+    per_row = all(setup.mt.task(f"t{i}").plan is not None for i in range(tasks))  # else the mixed call grouped
     rows = []
     for name, ms in times.items():
         rows.append({
             "method": setup.method, "tasks": tasks, "variant": name, "ms": statistics.median(ms), "ms_all": ms,
             "x_single": statistics.median(ms) / statistics.median(single), "x_single_paired": paired_ratio(ms, single),
             "x_single_best": min(ms) / min(single), "max_err": errors.get(name, 0.0),
+            "per_row": per_row if name == "mixed" else None,
         })  # fmt: skip
     return rows
 
@@ -195,6 +204,8 @@ def table(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (method, n), row in cells.items():
         ratios = [f"{row[v]['x_single_paired']:.2f}" if v in row else "-" for v in VARIANTS[1:]]
+        if not row["mixed"].get("per_row", True):
+            ratios[0] += " (grouped)"  # the mixed call fell back to one backbone pass per task
         err = max(r["max_err"] for r in row.values())
         lines.append(f"| {method} | {n} | {row['single']['ms']:.1f} | " + " | ".join(ratios) + f" | {err:.1e} |")
     return "\n".join(lines)

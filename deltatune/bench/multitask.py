@@ -3,8 +3,8 @@
     deltatune bench --multitask 1,4,16 --model deltatune_offline_vit --img-size 32 --threads 1 --clock cpu --md out.md
 
 For each method (SSF, BitFit, LoRA r=8, IA3, FacT-TT, AdaptFormer) and each task count N, the batch's rows take
-the N tasks round-robin and
-these variants are timed round-robin (one call of each per round, the order rotated; ``bench.measure``):
+the N tasks round-robin and these variants are timed round-robin (one call of each per round, the order rotated;
+``bench.measure``):
 
 - ``single``: task t0's own unmerged model on the whole batch: the reference every ratio divides by;
 - ``mixed``: ``MultiTaskModel`` mixing the N tasks per row in one backbone pass;

@@ -180,6 +180,25 @@ def test_mixed_text_without_attention_mask(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", list(SPECS))
+def test_mixed_text_token_types_positions_and_embeddings(tmp_path, kind):
+    """Token types (BERT) or explicit positions (decoders) given, and embeddings instead of token ids."""
+    mt, paths = _setup(tmp_path, kind)
+    names = NAMES[kind]
+    x = _texts(len(names), seed=5)
+    extra = "token_type_ids" if kind.startswith("bert") else "position_ids"
+    x[extra] = (torch.arange(9) >= 4).long() if extra == "token_type_ids" else torch.arange(9) + 2
+    x[extra] = x[extra].expand(len(names), -1).clone()
+    words = mt.backbone.get_input_embeddings()(x["input_ids"]).detach()  # (B, L, d)
+    embeds = {"inputs_embeds": words, **{k: v for k, v in x.items() if k != "input_ids"}}
+    for batch in (x, embeds):
+        with torch.no_grad():
+            out = mt(batch, names, strict=True)
+            refs = _expected(kind, paths, names, batch)
+        for row, ref in zip(mt.split(out, names), refs):
+            torch.testing.assert_close(row, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
 def test_joint_training_gradients_equal_single_task_gradients(tmp_path, kind):
     mt, paths = _setup(tmp_path, kind)
     names = NAMES[kind]

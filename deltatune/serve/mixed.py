@@ -13,7 +13,9 @@ At a site, the base layer runs once for the whole batch, then each task's deltas
   the FFN's second linear (only as a task's innermost delta there);
 - adapters: ``z + up(act(down(z)))`` per task slice;
 - AdaptFormer (timm MLPs): ``mlp(x)[rows] + s up(relu(down(stream[rows])))``, the residual stream handed over by a
-  pre-hook on the block's norm (HF FFN output modules take two inputs and run grouped).
+  pre-hook on the block's norm (HF FFN output modules take two inputs and run grouped);
+- prompts and prefixes on HF text models (BERT family, GPT-2, Llama): each task's rows get the sequence its own
+  wrapper builds, padded to the batch's length with masked positions after the tokens (``mixed_text.py``).
 
 A site keeps each task's own ordering of stacked deltas (SSF over LoRA differs from LoRA over SSF). With autograd
 the tables are stacked from the tasks' own parameters at every forward, so gradients reach each task's deltas

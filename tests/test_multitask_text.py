@@ -14,6 +14,7 @@ from tiny_run import tiny_bert_config
 from torch import nn
 
 import deltatune
+from deltatune import DeltaTuneError
 from deltatune.serve import MultiTaskModel
 
 _OUT = {"insert": "output"}
@@ -107,6 +108,7 @@ def _paths(folder: str, kind: str) -> dict[str, str]:
 
 
 def _setup(tmp_path: Path, kind: str) -> tuple[MultiTaskModel, dict[str, str]]:
+    """Every task of ``kind`` attached to one backbone."""
     paths = _paths(str(tmp_path.parent.parent / "multitask_text_files"), kind)
     mt = MultiTaskModel(_fresh(kind, 3))
     for name, path in paths.items():
@@ -263,3 +265,21 @@ def test_pads_sit_after_the_tokens_and_are_masked(tmp_path):
     want_pos = torch.tensor([[2, 3, 4, 5, 0, 0, 0], [5, 6, 7, 8, 0, 0, 0], [0, 1, 2, 3, 4, 5, 6]])
     torch.testing.assert_close(seen["attention_mask"], want_mask)
     torch.testing.assert_close(seen["position_ids"], want_pos)
+
+
+def test_decoder_prefixes_refuse_gradient_checkpointing_in_training(tmp_path):
+    """As single-task prefix tuning: the KV-cache prefixes would be dropped by checkpointed layers."""
+    paths = _paths(str(tmp_path.parent.parent / "multitask_text_files"), "gpt2")
+    backbone = _fresh("gpt2", 3)
+    backbone.gradient_checkpointing_enable()
+    mt = MultiTaskModel(backbone).train()
+    for name in ("prefix", "ssf"):
+        mt.add_task(name, paths[name])
+    x = _texts(2)
+    for model in (mt.task_model("prefix"), mt):  # the single-task wrapper, then the mixed batch
+        try:
+            model(**x) if model is not mt else mt(x, ["prefix", "ssf"], strict=True)
+        except DeltaTuneError as e:
+            assert "gradient checkpointing" in str(e)
+        else:
+            raise AssertionError("prefixes trained under gradient checkpointing")

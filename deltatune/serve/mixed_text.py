@@ -287,6 +287,12 @@ class MixedDecoder(Delegating):
         wide, slots = max(prompts), max(prefixes)
         if wide == slots == 0:  # no task of this batch has prompts or prefixes: the plain stack
             return self.base(*args, **kwargs)
+        if slots and self.training and torch.is_grad_enabled() and \
+                any(getattr(m, "gradient_checkpointing", False) for m in self.base.modules()):  # fmt: skip
+            raise DeltaTuneError(
+                "mixed batch: decoder prefixes live in the KV cache, which transformers' layers drop under gradient "
+                "checkpointing in training; train without gradient checkpointing (as single-task prefix tuning)"
+            )
         bound = _bind(self.base.forward, args, kwargs)
         cache = bound.get("cache")
         if cache is not None and cache.get_seq_length() > 0:

@@ -6,10 +6,11 @@ positions masked out through the 2-D ``attention_mask`` (zeros: never attended) 
 nothing else, so every row sees what its single-task model sees (up to float summation order):
 
 - BERT-family prompts (``SoftPrompt`` on ``embeddings``), width ``L + P`` (P: the batch's longest prompt): a row
-  holds ``[tokens[:i], prompt, tokens[i:], pad]``, pads after the real tokens. ``insert="input"`` rows go through the
-  embedding layer with their prompts and positions ``0 .. L+p-1`` (token type 0, as the single-task wrapper);
-  ``insert="output"`` rows get theirs after it. A pre-hook on the encoder model pads the mask alike. The pooler
-  reads position 0, the same token as in each task's own model.
+  holds ``[tokens[:i], prompt, tokens[i:], pad]``, pads after the real tokens. ``insert="output"`` rows (and rows
+  without prompts) take the embedding layer as called, their prompts after it; ``insert="input"`` rows take a
+  second pass of the layer (only when the batch holds such tasks) with their prompts among the word embeddings
+  (the layer's own positions ``0 .. L+p-1``, token type 0, as the single-task wrapper). A pre-hook on the encoder
+  model pads the mask alike. The pooler reads position 0, the same token as in each task's own model.
 - BERT-family prefixes (``PrefixAttention`` on ``attention.self``): every row attends over ``P`` prefix slots
   (its own p keys/values, then masked zeros) and the tokens; prefixes carry no position, so slot order is free.
 - GPT-2 / Llama (``DecoderPrompt`` / ``DecoderPrefix`` on the decoder stack): a cache of ``P`` prefix slots (a row's
@@ -137,6 +138,7 @@ class MixedPrompt(Delegating):
     def __init__(self, base: nn.Module, prompts: list[SoftPrompt | None], ctx: Any) -> None:
         super().__init__()
         self.base, self.prompts, self.ctx = base, prompts, ctx  # the prompts: a plain list (the tasks' modules)
+        self.train(base.training)  # the mode of the module it replaces (dropout)
 
     def _layout(self) -> tuple[Rows, int]:
         """Per group (SoftPrompt or None, rows) and the batch's longest prompt P."""
@@ -147,42 +149,41 @@ class MixedPrompt(Delegating):
         rows, width = self._layout()
         if width == 0:  # no task of this batch has prompts: the plain layer
             return self.base(*args, **kwargs)
-        bound = _bind(self.base.forward, args, kwargs)
-        ids, embeds = bound.pop("input_ids", None), bound.pop("inputs_embeds", None)
-        words = self.base.word_embeddings(ids) if embeds is None else embeds  # (B, L, d)
-        b, n = words.shape[:2]
-        types = bound.pop("token_type_ids", None)
-        types = words.new_zeros(b, n, dtype=torch.long) if types is None else types.expand(b, n)
-        positions = bound.pop("position_ids", None)
-        inputs = [m for m, _, _ in rows if m is not None and m.at_input]
-        if positions is not None and inputs:
-            raise DeltaTuneError("prompt: insert='input' shifts every position by p; call without position_ids")
-        first = bound.get("cache_length", 0)
-        positions = torch.arange(first, first + n, device=words.device) if positions is None else positions
-        positions = positions.expand(b, n)
-        inner = n + max((m.prompt_tokens.shape[0] for m in inputs), default=0)  # the embedding layer's width
-        seqs, kinds, places = [], [], []
-        for m, s, e in rows:
-            w, t, pos = words[s:e], types[s:e], positions[s:e]
-            if m is not None and m.at_input:  # prompts before the embedding layer: positions 0..L+p-1, type 0
-                p = m.prompt_tokens.shape[0]
-                w = _splice(w, _rows_of(m.prompt_tokens.to(w.dtype), e - s), m.insert_at)
-                t = _splice(t, t.new_zeros(e - s, p), m.insert_at)
-                pos = torch.arange(n + p, device=w.device).expand(e - s, -1)
-            seqs.append(_pad(w, inner)), kinds.append(_pad(t, inner)), places.append(_pad(pos, inner))
-        out = self.base(inputs_embeds=torch.cat(seqs), token_type_ids=torch.cat(kinds), position_ids=torch.cat(places),
-                        **bound)  # (B, inner, d)  # fmt: skip
+        # rows without prompts before the layer: the layer as called (its own positions, RoBERTa's included)
+        plain = self.base(*args, **kwargs) if any(m is None or not m.at_input for m, _, _ in rows) else None
+        at_input = any(m is not None and m.at_input for m, _, _ in rows)
+        prompted, n = self._input_pass(rows, args, kwargs) if at_input else (None, plain.shape[1])
         parts = []
         for m, s, e in rows:
-            o = out[s:e]
             if m is None:
-                o = o[:, :n]
+                o = plain[s:e]
             elif m.at_input:
-                o = o[:, : n + m.prompt_tokens.shape[0]]
+                o = prompted[s:e, : n + m.prompt_tokens.shape[0]]
             else:  # prompts after the embedding layer, as the single-task wrapper
-                o = _splice(o[:, :n], _rows_of(m.prompt_tokens.to(o.dtype), e - s), m.insert_at)
+                o = _splice(plain[s:e], _rows_of(m.prompt_tokens.to(plain.dtype), e - s), m.insert_at)
             parts.append(_pad(o, n + width))
         return torch.cat(parts)  # (B, L + P, d)
+
+    def _input_pass(self, rows: Rows, args: tuple, kwargs: dict) -> tuple[Tensor, int]:
+        """The layer over every row with the ``insert="input"`` tasks' prompts among their word embeddings (as
+        their single-task wrapper: the layer's own positions 0..L+p-1, token type 0), pads after; and L."""
+        bound = _bind(self.base.forward, args, kwargs)
+        if bound.get("position_ids") is not None:
+            raise DeltaTuneError("prompt: insert='input' shifts every position by p; call without position_ids")
+        ids, embeds = bound.pop("input_ids", None), bound.pop("inputs_embeds", None)
+        words = self.base.word_embeddings(ids) if embeds is None else embeds  # (B, L, d)
+        types, n = bound.pop("token_type_ids", None), words.shape[1]
+        inner = n + max(m.prompt_tokens.shape[0] for m, _, _ in rows if m is not None and m.at_input)
+        seqs, kinds = [], []
+        for m, s, e in rows:
+            w, t = words[s:e], None if types is None else types.expand(words.shape[0], n)[s:e]
+            if m is not None and m.at_input:
+                w = _splice(w, _rows_of(m.prompt_tokens.to(w.dtype), e - s), m.insert_at)
+                t = None if t is None else _splice(t, t.new_zeros(e - s, m.prompt_tokens.shape[0]), m.insert_at)
+            seqs.append(_pad(w, inner)), kinds.append(None if t is None else _pad(t, inner))
+        if types is not None:
+            bound["token_type_ids"] = torch.cat(kinds)
+        return self.base(inputs_embeds=torch.cat(seqs), **bound), n  # (B, L + P_in, d)
 
     def pad_mask_hook(self, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Forward pre-hook on the encoder model: each row's 2-D mask as its task's, then zeros to ``L + P``."""
@@ -214,6 +215,7 @@ class MixedPrefix(Delegating):
     def __init__(self, base: nn.Module, prefixes: list[PrefixAttention | None], ctx: Any) -> None:
         super().__init__()
         self.base, self.prefixes, self.ctx = base, prefixes, ctx
+        self.train(base.training)  # the mode of the module it replaces (dropout)
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         rows = _groups(self.prefixes, self.ctx)
@@ -279,6 +281,7 @@ class MixedDecoder(Delegating):
     def __init__(self, base: nn.Module, wrappers: list[DecoderPrompt | DecoderPrefix | None], ctx: Any) -> None:
         super().__init__()
         self.base, self.wrappers, self.ctx = base, wrappers, ctx
+        self.train(base.training)  # the mode of the module it replaces (dropout)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         rows = _groups(self.wrappers, self.ctx)

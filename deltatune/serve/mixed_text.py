@@ -26,7 +26,7 @@ Generation (a cache that already holds tokens) is not a mixed-batch use and is r
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from deltatune.methods._decoder import DecoderPrefix, DecoderPrompt, Delegating
 from deltatune.methods.prefix import PrefixAttention
 from deltatune.methods.prompt import SoftPrompt
 from deltatune.targeting import innermost, is_delta, set_module
+
+if TYPE_CHECKING:
+    from deltatune.serve.mixed import Context
 
 KINDS = ("prompt", "prefix", "decoder")
 Rows = list[tuple[Any, int, int]]  # (the task's wrapper or None, start row, end row) per group of the batch
@@ -84,7 +87,7 @@ def is_text(ops: list[list[tuple[str, Any]]]) -> bool:
     return any(k in KINDS for o in ops for k, _ in o)
 
 
-def install(net: nn.Module, text_sites: dict[str, list[list[tuple[str, Any]]]], ctx: Any) -> None:
+def install(net: nn.Module, text_sites: dict[str, list[list[tuple[str, Any]]]], ctx: Context) -> None:
     """Wraps each text site of the mixed network (after its inner sites are in place) in its mixed form."""
     for site, ops in text_sites.items():
         if any(len(o) > 1 or (o and o[0][0] not in KINDS) for o in ops):
@@ -104,7 +107,8 @@ def install(net: nn.Module, text_sites: dict[str, list[list[tuple[str, Any]]]], 
         set_module(net, site, wrapper)
 
 
-def _groups(per_task: list[Any], ctx: Any) -> Rows:
+def _groups(per_task: list[Any], ctx: Context) -> Rows:
+    """The batch's groups of rows with each one's task's wrapper at a site (None: the task has none there)."""
     return [(per_task[pos], start, end) for pos, start, end in ctx.groups]
 
 
@@ -135,7 +139,7 @@ def _bind(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
 class MixedPrompt(Delegating):
     """A BERT-family ``embeddings`` layer where each task's rows get its own soft prompt (or none)."""
 
-    def __init__(self, base: nn.Module, prompts: list[SoftPrompt | None], ctx: Any) -> None:
+    def __init__(self, base: nn.Module, prompts: list[SoftPrompt | None], ctx: Context) -> None:
         super().__init__()
         self.base, self.prompts, self.ctx = base, prompts, ctx  # the prompts: a plain list (the tasks' modules)
         self.train(base.training)  # the mode of the module it replaces (dropout)
@@ -212,7 +216,7 @@ class MixedPrompt(Delegating):
 class MixedPrefix(Delegating):
     """A BERT-family self-attention where each task's rows attend over its own key/value prefixes (or none)."""
 
-    def __init__(self, base: nn.Module, prefixes: list[PrefixAttention | None], ctx: Any) -> None:
+    def __init__(self, base: nn.Module, prefixes: list[PrefixAttention | None], ctx: Context) -> None:
         super().__init__()
         self.base, self.prefixes, self.ctx = base, prefixes, ctx
         self.train(base.training)  # the mode of the module it replaces (dropout)
@@ -278,7 +282,7 @@ def _attend(a: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
 class MixedDecoder(Delegating):
     """A GPT-2 / Llama decoder stack where each task's rows get its own prompts or KV-cache prefixes (or none)."""
 
-    def __init__(self, base: nn.Module, wrappers: list[DecoderPrompt | DecoderPrefix | None], ctx: Any) -> None:
+    def __init__(self, base: nn.Module, wrappers: list[DecoderPrompt | DecoderPrefix | None], ctx: Context) -> None:
         super().__init__()
         self.base, self.wrappers, self.ctx = base, wrappers, ctx
         self.train(base.training)  # the mode of the module it replaces (dropout)

@@ -27,7 +27,8 @@ SPECS: dict[str, list[tuple[str, list[tuple[Any, dict]], int]]] = {
         ("p-out2", [("prompt", {"num_tokens": 2, **_OUT, "insert_at": 4})], 2),
         ("prefix", [("prefix", {"num_tokens": 2})], 2),
         ("lora+prefix", [("lora", {}), ("prefix", {"num_tokens": 4, "reparameterize": False})], 5),
-        ("bitfit+prompt", [("bitfit", {}), ("prompt", {"num_tokens": 4, **_IN})], 3),
+        ("bitfit+prompt", [("bitfit", {}), ("prompt", {"num_tokens": 4, **_IN, "insert_at": 1})], 3),
+        ("prefix-l1", [("prefix", {"num_tokens": 3, "target_modules": r".*layer\.1\.attention\.self"})], 4),
         ("lora", [("lora", {})], 3),
         ("bitfit", [("bitfit", {})], 4),
     ],
@@ -147,7 +148,8 @@ def _expected(kind: str, paths: dict[str, str], names: list[str], x: dict[str, t
 
 
 NAMES = {
-    "bert": ["p-out", "lora", "p-in", "prefix", "bitfit", "p-out2", "lora+prefix", "p-in", "bitfit+prompt", "p-out"],
+    "bert": ["p-out", "lora", "p-in", "prefix", "bitfit", "p-out2", "lora+prefix", "p-in", "bitfit+prompt", "p-out",
+             "prefix-l1"],
     "bert-eager": ["p-in", "prefix", "lora+prefix", "bitfit", "p-out", "prefix", "lora"],
     "gpt2": ["prompt", "ssf", "prefix", "prompt5", "lora+prefix", "prefix", "prompt"],
     "llama": ["prefix", "lora", "prompt", "prefix5", "lora+prompt", "prompt", "prefix"],

@@ -256,6 +256,20 @@ def test_batch_without_prompts_builds_no_padding(tmp_path, kind):
         torch.testing.assert_close(out[i, : len(ref)], ref, atol=1e-5, rtol=1e-5)
 
 
+def test_tasks_of_one_prompt_length_pad_nothing(tmp_path):
+    """Two tasks with 3-token prompts after [CLS]: the encoder runs L + 3 positions, as each single-task model."""
+    mt, paths = _setup(tmp_path, "bert")
+    mt.add_task("p-out-b", paths["p-out"])
+    names, x, seen = ["p-out", "p-out-b", "p-out-b", "p-out"], _texts(4), []
+    encoder = mt.mixed_model().bert.encoder
+    handle = encoder.register_forward_hook(lambda _m, _a, o: seen.append(o.last_hidden_state.shape))
+    with torch.no_grad():
+        out = mt(x, names, strict=True)
+    handle.remove()
+    assert seen == [(4, 9 + 3, 32)]
+    torch.testing.assert_close(out[:, :3], _single("bert", paths, "p-out")(**x).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_pads_sit_after_the_tokens_and_are_masked(tmp_path):
     """Llama, prefixes of 2 and 5 slots and prompts of 3: every row's mask and positions as its own model's."""
     mt, _ = _setup(tmp_path, "llama")

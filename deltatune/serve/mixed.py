@@ -13,7 +13,9 @@ At a site, the base layer runs once for the whole batch, then each task's deltas
   the FFN's second linear (only as a task's innermost delta there);
 - adapters: ``z + up(act(down(z)))`` per task slice;
 - AdaptFormer (timm MLPs): ``mlp(x)[rows] + s up(relu(down(stream[rows])))``, the residual stream handed over by a
-  pre-hook on the block's norm (HF FFN output modules take two inputs and run grouped).
+  pre-hook on the block's norm (HF FFN output modules take two inputs and run grouped);
+- prompts and prefixes on HF text models (BERT family, GPT-2, Llama): each task's rows get the sequence its own
+  wrapper builds, padded to the batch's length with masked positions after the tokens (``mixed_text.py``).
 
 A site keeps each task's own ordering of stacked deltas (SSF over LoRA differs from LoRA over SSF). With autograd
 the tables are stacked from the tasks' own parameters at every forward, so gradients reach each task's deltas
@@ -42,8 +44,9 @@ from deltatune.methods.fact import FacTLinear
 from deltatune.methods.ia3 import IA3
 from deltatune.methods.lora import LoRALinear
 from deltatune.methods.ssf import SSF, channel_dim
+from deltatune.serve import mixed_text
 from deltatune.serve._share import share_copy
-from deltatune.targeting import innermost, is_delta, iter_sites, set_module
+from deltatune.targeting import innermost, is_delta, set_module
 
 BIAS_LAYERS = (nn.Linear, nn.LayerNorm, nn.Conv2d)
 _VERSION = operator.attrgetter("_version")
@@ -65,7 +68,7 @@ def plan(model: nn.Module, backbone: nn.Module) -> tuple[Plan | None, str]:
     accounted = {id(p) for p in backbone.parameters()}
     if result.head:
         accounted |= {id(p) for p in model.get_submodule(result.head).parameters()}
-    for name, module in iter_sites(model):
+    for name, module in mixed_text.sites(model):  # inside text prompt/prefix wrappers too, by plain names
         if not is_delta(module):
             continue
         ops, why = _chain(name, module)
@@ -77,7 +80,7 @@ def plan(model: nn.Module, backbone: nn.Module) -> tuple[Plan | None, str]:
         if id(p) in accounted:
             continue
         site, _, leaf = pname.rpartition(".")
-        layer = innermost(model.get_submodule(site)) if site else model
+        layer = mixed_text.plain_module(model, site)
         if leaf != "bias" or not isinstance(layer, BIAS_LAYERS):
             return None, f"{pname} is trained (only biases of Linear/LayerNorm/Conv2d layers mix per row)"
         result.sites.setdefault(site, []).insert(0, ("bias", p))
@@ -104,6 +107,8 @@ def _chain(name: str, module: nn.Module) -> tuple[list[Op] | None, str]:
             ops.append(("adaptformer", module))
         elif isinstance(module, IA3) and not module.merged and (module.mode != "input" or not is_delta(module.base)):
             ops.append(("ia3-in" if module.mode == "input" else "ia3", module))  # input scaling: innermost only
+        elif mixed_text.kind(module) and not ops and not is_delta(module.base):  # text prompts/prefixes: alone
+            ops.append((mixed_text.kind(module), module))
         else:
             return None, f"{module.delta_method} at {name} has no per-row kernel (its rows run through its own model)"
         module = module.base
@@ -344,9 +349,12 @@ def _assign(slots: list[str], ops: list[Op]) -> list[Any]:
 def build(backbone: nn.Module, tasks: list[Any]) -> nn.Module:
     """A copy of the backbone (sharing its tensors) whose changed sites are MixedSites and head a MixedHead."""
     net, ctx = share_copy(backbone), Context()
-    names = list(dict.fromkeys(s for t in tasks for s in t.plan.sites))
+    names, text = list(dict.fromkeys(s for t in tasks for s in t.plan.sites)), {}
     for site in names:
         ops = [t.plan.sites.get(site, []) for t in tasks]
+        if mixed_text.is_text(ops):  # wrapped last, around the per-row sites inside them (mixed_text.py)
+            text[site] = ops
+            continue
         slots = _merge_order([[k for k, _ in o if k != "bias"] for o in ops])
         if any(k == "bias" for o in ops for k, _ in o):
             slots.insert(0, "bias")  # the base layer's own bias comes before every wrapper
@@ -361,6 +369,7 @@ def build(backbone: nn.Module, tasks: list[Any]) -> nn.Module:
                 k == "adaptformer" and m.tapped}  # fmt: skip
         for norm in taps - {None}:
             net.get_submodule(norm).register_forward_pre_hook(net.get_submodule(site).take_stream)
+    mixed_text.install(net, text, ctx)
     head = tasks[0].plan.head if tasks else None
     if head:
         set_module(net, head, MixedHead([t.model.get_submodule(head) for t in tasks], ctx))

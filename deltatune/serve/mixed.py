@@ -42,6 +42,7 @@ from deltatune.methods.fact import FacTLinear
 from deltatune.methods.ia3 import IA3
 from deltatune.methods.lora import LoRALinear
 from deltatune.methods.ssf import SSF, channel_dim
+from deltatune.serve import mixed_tokens
 from deltatune.serve._share import share_copy
 from deltatune.targeting import innermost, is_delta, iter_sites, set_module
 
@@ -104,10 +105,13 @@ def _chain(name: str, module: nn.Module) -> tuple[list[Op] | None, str]:
             ops.append(("adaptformer", module))
         elif isinstance(module, IA3) and not module.merged and (module.mode != "input" or not is_delta(module.base)):
             ops.append(("ia3-in" if module.mode == "input" else "ia3", module))  # input scaling: innermost only
+        elif (kind := mixed_tokens.kind(module)) is not None:  # VPT, timm prefix, AdaptFormer on HF FFN outputs
+            ops.append((kind, module))
         else:
             return None, f"{module.delta_method} at {name} has no per-row kernel (its rows run through its own model)"
         module = module.base
-    return ops[::-1], ""
+    why = mixed_tokens.check(name, [k for k, _ in ops[::-1]])
+    return (None, why) if why else (ops[::-1], "")
 
 
 class Context:
@@ -116,6 +120,7 @@ class Context:
     idx: Tensor
     groups: list[tuple[int, int, int]]  # (task position, start row, end row)
     width: int  # the widest head's class count: every row's logits are padded to it
+    tokens: mixed_tokens.Layout | None = None  # the batch's VPT prompt slots (mixed_tokens.install)
 
 
 class MixedSite(nn.Module):
@@ -344,7 +349,7 @@ def _assign(slots: list[str], ops: list[Op]) -> list[Any]:
 def build(backbone: nn.Module, tasks: list[Any]) -> nn.Module:
     """A copy of the backbone (sharing its tensors) whose changed sites are MixedSites and head a MixedHead."""
     net, ctx = share_copy(backbone), Context()
-    names = list(dict.fromkeys(s for t in tasks for s in t.plan.sites))
+    names = sorted(dict.fromkeys(s for t in tasks for s in t.plan.sites), key=lambda s: -s.count("."))  # inner first
     for site in names:
         ops = [t.plan.sites.get(site, []) for t in tasks]
         slots = _merge_order([[k for k, _ in o if k != "bias"] for o in ops])
@@ -355,12 +360,13 @@ def build(backbone: nn.Module, tasks: list[Any]) -> nn.Module:
             slots.insert(0, "ia3-in")
         per_task = [_assign(slots, o) for o in ops]
         columns = [(kind, [row[i] for row in per_task]) for i, kind in enumerate(slots)]
-        set_module(net, site, MixedSite(innermost(net.get_submodule(site)), columns, ctx))
+        set_module(net, site, mixed_tokens.site(innermost(net.get_submodule(site)), columns, ctx, MixedSite))
     for site in names:  # after every site is in place: the hook must sit on the module that will run
         taps = {stream_norm_name(net, site) for t in tasks for k, m in t.plan.sites.get(site, []) if
                 k == "adaptformer" and m.tapped}  # fmt: skip
         for norm in taps - {None}:
             net.get_submodule(norm).register_forward_pre_hook(net.get_submodule(site).take_stream)
+    mixed_tokens.install(net, tasks, ctx)
     head = tasks[0].plan.head if tasks else None
     if head:
         set_module(net, head, MixedHead([t.model.get_submodule(head) for t in tasks], ctx))
@@ -380,5 +386,6 @@ def run(net: nn.Module, x: Any, positions: list[int], counts: list[int], width: 
     if head is None:
         raise DeltaTuneError("mixed batch: the tasks have no classification head")
     ctx.width = width
+    mixed_tokens.prepare(ctx)
     out = net(**x) if isinstance(x, dict) else net(x)
     return out.logits if hasattr(out, "logits") else out

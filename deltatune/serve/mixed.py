@@ -44,7 +44,7 @@ from deltatune.methods.lora import LoRALinear
 from deltatune.methods.ssf import SSF, channel_dim
 from deltatune.serve import mixed_tokens
 from deltatune.serve._share import share_copy
-from deltatune.targeting import innermost, is_delta, iter_sites, set_module
+from deltatune.targeting import innermost, is_delta, set_module
 
 BIAS_LAYERS = (nn.Linear, nn.LayerNorm, nn.Conv2d)
 _VERSION = operator.attrgetter("_version")
@@ -66,7 +66,7 @@ def plan(model: nn.Module, backbone: nn.Module) -> tuple[Plan | None, str]:
     accounted = {id(p) for p in backbone.parameters()}
     if result.head:
         accounted |= {id(p) for p in model.get_submodule(result.head).parameters()}
-    for name, module in iter_sites(model):
+    for name, module in mixed_tokens.iter_sites(model):  # inside wrappers too (AdaptFormer over SSF)
         if not is_delta(module):
             continue
         ops, why = _chain(name, module)

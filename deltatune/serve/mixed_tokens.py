@@ -21,7 +21,7 @@ pool, a different kernel per layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,6 +50,15 @@ def kind(module: nn.Module) -> str | None:
     if isinstance(module, AdaptFormer) and module.hf_output:
         return "adaptformer-hf"
     return None
+
+
+def iter_sites(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every module, inside wrapped modules too, named as in the plain model (SSF on the dense
+    layer of an AdaptFormer-wrapped HF FFN output, LoRA on the qkv of a prefixed attention)."""
+    for child_name, child in innermost(module).named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        yield name, child
+        yield from iter_sites(child, name)
 
 
 def check(name: str, kinds: list[str]) -> str:

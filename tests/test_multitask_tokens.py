@@ -84,6 +84,29 @@ def test_smaller_mixes_equal_single_task_models(tmp_path, names):
         torch.testing.assert_close(out, _want(paths, names, x, out.shape[1]), atol=1e-5, rtol=1e-5)
 
 
+def _explicit(model: nn.Module) -> nn.Module:
+    """timm's explicit attention path (scores, mask added, softmax) instead of the fused kernel."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return model
+
+
+def test_explicit_attention_path_mixes_too(tmp_path):
+    paths = _all_paths(tmp_path)
+    names = ["vpt", "prefix2", "ssf", "shallow5", "prefix_vpt", "prefix_b0"]
+    mt = MultiTaskModel(_explicit(make_backbone("vit")))
+    for name in dict.fromkeys(names):
+        mt.add_task(name, paths[name])
+    x = torch.randn(len(names), 3, 32, 32)
+    with torch.no_grad():
+        out = mt(x, names, strict=True)
+        want = [_explicit(_single(paths[n], CLASSES[n]))(x[i : i + 1])[0] for i, n in enumerate(names)]
+    assert not any(getattr(m, "fused_attn", False) for m in mt.mixed_model().modules())
+    for row, w in zip(out, want):
+        torch.testing.assert_close(row[: len(w)], w, atol=1e-5, rtol=1e-5)
+
+
 def test_joint_training_gradients_equal_single_task_gradients(tmp_path):
     mt, paths = _setup(tmp_path)
     names = ["deep3", "ssf", "prefix2", "shallow5", "vpt_lora", "lora", "ssf_vpt", "prefix4", "prefix_vpt",

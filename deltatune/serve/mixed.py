@@ -13,7 +13,8 @@ At a site, the base layer runs once for the whole batch, then each task's deltas
   the FFN's second linear (only as a task's innermost delta there);
 - adapters: ``z + up(act(down(z)))`` per task slice;
 - AdaptFormer (timm MLPs): ``mlp(x)[rows] + s up(relu(down(stream[rows])))``, the residual stream handed over by a
-  pre-hook on the block's norm (HF FFN output modules take two inputs and run grouped).
+  pre-hook on the block's norm;
+- VPT and prefixes (timm ViT), AdaptFormer on HF FFN outputs: ``mixed_tokens.py`` (prompt/prefix slots per row).
 
 A site keeps each task's own ordering of stacked deltas (SSF over LoRA differs from LoRA over SSF). With autograd
 the tables are stacked from the tasks' own parameters at every forward, so gradients reach each task's deltas

@@ -165,14 +165,18 @@ def test_swin_vpt_deep_stays_grouped(tmp_path):
 
 def test_nested_sites_build_in_any_task_order(tmp_path):
     """A task wrapping a module (AdaptFormer on mlp, prefix on attn) added before a task wrapping a layer inside
-    it (LoRA on mlp.fc1, attn.qkv): the mixed model replaces the inner site first (it failed with AttributeError)."""
+    it (LoRA on mlp.fc1, attn.qkv): the mixed model replaces the inner site first (it failed with AttributeError);
+    BitFit biases inside a wrapped module (AdaptFormer then BitFit: mlp.fc1.bias) are found through the wrapper
+    (add_task failed with AttributeError)."""
     specs = [("af", "adaptformer", {"dropout": 0.0}), ("pre", "prefix", {"num_tokens": 2, **SMALL_MLP}),
-             ("lora", "lora", {"target_modules": ["mlp.fc1", "attn.qkv"]})]  # fmt: skip
+             ("lora", "lora", {"target_modules": ["mlp.fc1", "attn.qkv"]}),
+             ("af_bitfit", ["adaptformer", "bitfit"], {}),
+             ("vpt_bitfit", [deltatune.VPTDeepConfig(num_tokens=2), deltatune.BitFitConfig()], {})]  # fmt: skip
     paths = {n: _save(tmp_path, n, m, o, 3, 40 + i) for i, (n, m, o) in enumerate(specs)}
     mt = MultiTaskModel(make_backbone("vit"))
     for name, path in paths.items():
         mt.add_task(name, path)
-    names = ["lora", "af", "pre", "lora"]
+    names = ["lora", "af", "pre", "lora", "af_bitfit", "vpt_bitfit"]
     x = torch.randn(len(names), 3, 32, 32)
     with torch.no_grad():
         out = mt(x, names, strict=True)

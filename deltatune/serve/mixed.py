@@ -79,7 +79,7 @@ def plan(model: nn.Module, backbone: nn.Module) -> tuple[Plan | None, str]:
         if id(p) in accounted:
             continue
         site, _, leaf = pname.rpartition(".")
-        layer = innermost(model.get_submodule(site)) if site else model
+        layer = innermost(mixed_tokens.resolve(model, site))  # through wrappers (BitFit inside AdaptFormer)
         if leaf != "bias" or not isinstance(layer, BIAS_LAYERS):
             return None, f"{pname} is trained (only biases of Linear/LayerNorm/Conv2d layers mix per row)"
         result.sites.setdefault(site, []).insert(0, ("bias", p))

@@ -61,6 +61,13 @@ def iter_sites(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Mo
         yield from iter_sites(child, name)
 
 
+def resolve(model: nn.Module, name: str) -> nn.Module:
+    """The module at a plain name (as ``iter_sites`` and ``plain_parameters`` name them), through any wrappers."""
+    for part in name.split(".") if name else []:
+        model = innermost(model).get_submodule(part)
+    return model
+
+
 def check(name: str, kinds: list[str]) -> str:
     """Why a task's stack at a site (innermost first) cannot mix per row, or "" when it can."""
     tokens = [k for k in kinds if k in TOKEN_KINDS]

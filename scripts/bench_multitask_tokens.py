@@ -1,6 +1,7 @@
 """Mixed-task batches of VPT and prefix tasks: one backbone pass (per-row prompt/prefix slots) against grouped.
 
-    PYTHONPATH=. python scripts/bench_multitask_tokens.py --threads 1 --clock cpu --md benchmarks/multitask_tokens.md
+    PYTHONPATH=. python scripts/bench_multitask_tokens.py --threads 1 --clock cpu \
+        --md benchmarks/multitask_tokens_vit_small.md
 
 For each setting and task count N the batch's rows take tasks t0..t{N-1} round-robin; timed round-robin
 (``deltatune.bench.measure``): ``single`` (t0's own model on the whole batch, t0 having the largest p), ``mixed``
@@ -99,7 +100,7 @@ def main() -> None:
             f"{args.clock} clock, {args.steps} rounds after {args.warmup}, torch {torch.__version__}.")  # fmt: skip
     if args.md:
         cmd = "PYTHONPATH=. python scripts/bench_multitask_tokens.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "md")
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
         args.md.write_text(f"`{cmd}`\n\n{head}\n\n" + "\n".join(lines) + "\n")
 
 

@@ -107,8 +107,7 @@ class Layout:
         """``[prefix, P slots, rest]``: each row's task's prompts, zeros in its padding slots; builds the mask."""
         if not self.slots:
             return y
-        prompt = lambda m: m.vpt_dropout(m.vpt_prompt)  # noqa: E731
-        block = _slot_rows(per_task, groups, (self.slots, y.shape[-1]), y, prompt)  # (B, P, d)
+        block = _slot_rows(per_task, groups, (self.slots, y.shape[-1]), y, _prompt)  # (B, P, d)
         n = self.prefix
         out = torch.cat([y[:, :n], block, y[:, n:]], dim=1)  # (B, n + P + N, d)
         if self.ragged:
@@ -123,13 +122,18 @@ class Layout:
         for pos, start, end in groups:
             m = per_task[pos]
             if m is not None:
-                x[start:end, n : n + m.vpt_prompt.shape[0]] = m.vpt_dropout(m.vpt_prompt)
+                x[start:end, n : n + m.vpt_prompt.shape[0]] = _prompt(m)
         return x
 
     def drop(self, x: Tensor) -> Tensor:
         """Removes the P slots before the final norm: every row is back to the single-task token layout."""
         n = self.prefix
         return torch.cat([x[:, :n], x[:, n + self.slots :]], dim=1) if self.slots else x
+
+
+def _prompt(m: VPTPrompt) -> Tensor:
+    """A task's prompts (p, d), through its prompt dropout."""
+    return m.vpt_dropout(m.vpt_prompt)
 
 
 def _slot_rows(per_task: list[Any], groups: Groups, blank: tuple[int, ...], like: Tensor,

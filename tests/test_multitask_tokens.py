@@ -24,6 +24,7 @@ TOKEN_SPECS = [
     ("shallow3", "vpt-shallow", {"num_tokens": 3}, 2),
     ("vpt_lora", [deltatune.VPTDeepConfig(num_tokens=2), deltatune.LoRAConfig(target_modules=["attn.qkv"])], {}, 5),
     ("ssf_vpt", [deltatune.SSFConfig(), deltatune.VPTDeepConfig(num_tokens=4)], {}, 3),  # both on every norm1
+    ("vpt_ssf", [deltatune.VPTShallowConfig(num_tokens=1), deltatune.SSFConfig()], {}, 2),  # SSF over VPT's wrappers
     ("prefix2", "prefix", {"num_tokens": 2, **SMALL_MLP}, 4),  # through the MLP
     ("prefix4", "prefix", {"num_tokens": 4, "reparameterize": False}, 2),  # direct prefixes
     ("prefix_b0", "prefix", {"num_tokens": 3, "reparameterize": False, "target_modules": ["blocks.0.attn"]}, 3),
@@ -63,7 +64,7 @@ def test_vpt_and_prefix_rows_equal_single_task_models(tmp_path):
     mt, paths = _setup(tmp_path)
     assert all(mt.task(n).plan is not None for n in mt.tasks()), [mt.task(n).why_grouped for n in mt.tasks()]
     names = ["deep3", "ssf", "shallow5", "vpt", "prefix2", "lora", "vpt_lora", "ssf_vpt", "bitfit", "prefix4",
-             "shallow3", "prefix_b0", "prefix_vpt", "deep3", "prefix2"]  # fmt: skip
+             "shallow3", "prefix_b0", "prefix_vpt", "deep3", "prefix2", "vpt_ssf"]  # fmt: skip
     x = torch.randn(len(names), 3, 32, 32)
     with torch.no_grad():
         out = mt(x, names, strict=True)  # strict: refuses unless the batch mixes per row in one pass
@@ -110,8 +111,8 @@ def test_explicit_attention_path_mixes_too(tmp_path):
 def test_joint_training_gradients_equal_single_task_gradients(tmp_path):
     mt, paths = _setup(tmp_path)
     names = ["deep3", "ssf", "prefix2", "shallow5", "vpt_lora", "lora", "ssf_vpt", "prefix4", "prefix_vpt",
-             "deep3", "prefix_b0", "bitfit"]  # fmt: skip
-    targets = torch.tensor([0, 2, 3, 1, 4, 3, 2, 1, 5, 2, 0, 3])
+             "deep3", "prefix_b0", "bitfit", "vpt_ssf"]  # fmt: skip
+    targets = torch.tensor([0, 2, 3, 1, 4, 3, 2, 1, 5, 2, 0, 3, 1])
     x = torch.randn(len(names), 3, 32, 32)
     mt.train()
     nn.functional.cross_entropy(mt(x, names, strict=True), targets, reduction="sum").backward()

@@ -156,6 +156,7 @@ def test_swin_vpt_deep_stays_grouped(tmp_path):
     mt.add_task("a", tmp_path / "swin.safetensors")
     mt.add_task("b", tmp_path / "swin.safetensors")
     assert mt.task("a").plan is None and "vpt-deep" in mt.task("a").why_grouped
+    assert "inside the window attention" in mt.task("a").why_grouped
     x = torch.randn(2, 3, 32, 32)
     ref = deltatune.load_delta(make_backbone("swin"), tmp_path / "swin.safetensors")
     with torch.no_grad():

@@ -109,7 +109,8 @@ def _chain(name: str, module: nn.Module) -> tuple[list[Op] | None, str]:
         elif (kind := mixed_tokens.kind(module)) is not None:  # VPT, timm prefix, AdaptFormer on HF FFN outputs
             ops.append((kind, module))
         else:
-            return None, f"{module.delta_method} at {name} has no per-row kernel (its rows run through its own model)"
+            why = mixed_tokens.why_not(module)
+            return None, f"{module.delta_method} at {name} {why} (its rows run through its own model)"
         module = module.base
     why = mixed_tokens.check(name, [k for k, _ in ops[::-1]])
     return (None, why) if why else (ops[::-1], "")

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adaptformer import AdaptFormer
 from deltatune.methods.prefix import PrefixAttention
-from deltatune.methods.vpt import VPTPrompt, VPTRemove
+from deltatune.methods.vpt import VPTPrompt, VPTRemove, VPTSwinPool, VPTWindowAttention
 from deltatune.targeting import innermost
 
 TOKEN_KINDS = ("vpt-insert", "vpt-deep", "vpt-remove", "prefix", "adaptformer-hf")
@@ -50,6 +50,13 @@ def kind(module: nn.Module) -> str | None:
     if isinstance(module, AdaptFormer) and module.hf_output:
         return "adaptformer-hf"
     return None
+
+
+def why_not(module: nn.Module) -> str:
+    """Why a delta wrapper has no per-row kernel."""
+    if isinstance(module, (VPTWindowAttention, VPTSwinPool)):
+        return "has no per-row kernel on Swin (its prompts join every window inside the window attention)"
+    return "has no per-row kernel"
 
 
 def iter_sites(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:

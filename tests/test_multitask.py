@@ -23,7 +23,8 @@ SPECS = [
     ("lora", "lora", {"fused_qkv": "qv"}, 5),
     ("adapter", "adapter", {}, 6),
     ("combo", [deltatune.SSFConfig(), deltatune.LoRAConfig(target_modules=["attn.qkv", "mlp.fc1"])], {}, 2),
-    ("vpt", "vpt-deep", {}, 3),
+    ("vpt", "vpt-deep", {}, 3),  # mixes per row too (tests/test_multitask_tokens.py)
+    ("compacter", "compacter", {}, 3),  # no per-row kernel: its rows run through its own model
     ("fact", "fact-tt", {"r": 4, "dropout": 0.0}, 4),  # no dropout: the joint-training gradients are exact
     ("ia3", "ia3", {}, 5),  # k/v thirds of the fused qkv (output) and fc2's input
     ("adaptformer", "adaptformer", {"dropout": 0.0}, 6),  # the branch reads norm2's input (the residual stream)
@@ -101,13 +102,13 @@ def test_a_site_with_only_an_input_scaling_mixes(tmp_path):
 
 def test_tasks_without_a_mixed_kernel_run_grouped(tmp_path):
     mt, paths = _setup(tmp_path)
-    assert mt.task("vpt").plan is None and "vpt-deep" in mt.task("vpt").why_grouped
-    names = ["vpt", "ssf", "vpt", "bitfit"]
+    assert mt.task("compacter").plan is None and "compacter" in mt.task("compacter").why_grouped
+    names = ["compacter", "ssf", "compacter", "bitfit"]
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         out = mt(x, names)
-        vpt, ssf = _single(paths["vpt"], 3)(x), _single(paths["ssf"], 3)(x)
-    torch.testing.assert_close(out[[0, 2], :3], vpt[[0, 2]], atol=1e-5, rtol=1e-5)
+        grouped, ssf = _single(paths["compacter"], 3)(x), _single(paths["ssf"], 3)(x)
+    torch.testing.assert_close(out[[0, 2], :3], grouped[[0, 2]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1, :3], ssf[1], atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         strict = mt(x[[1, 3]], ["ssf", "bitfit"], strict=True)  # these mix: strict changes nothing
@@ -115,9 +116,9 @@ def test_tasks_without_a_mixed_kernel_run_grouped(tmp_path):
     try:
         mt(x, names, strict=True)
     except DeltaTuneError as e:
-        assert all(w in str(e) for w in ("cannot mix per row", "'vpt'", "vpt-deep", "strict=False"))
+        assert all(w in str(e) for w in ("cannot mix per row", "'compacter'", "compacter at", "strict=False"))
     else:
-        raise AssertionError("strict per-row mixing accepted a VPT task")
+        raise AssertionError("strict per-row mixing accepted a compacter task")
 
 
 def test_tasks_share_the_backbone_storage(tmp_path):

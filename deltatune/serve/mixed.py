@@ -13,7 +13,8 @@ At a site, the base layer runs once for the whole batch, then each task's deltas
   the FFN's second linear (only as a task's innermost delta there);
 - adapters: ``z + up(act(down(z)))`` per task slice;
 - AdaptFormer (timm MLPs): ``mlp(x)[rows] + s up(relu(down(stream[rows])))``, the residual stream handed over by a
-  pre-hook on the block's norm (HF FFN output modules take two inputs and run grouped);
+  pre-hook on the block's norm;
+- VPT and prefixes (timm ViT), AdaptFormer on HF FFN outputs: ``mixed_tokens.py`` (prompt/prefix slots per row);
 - prompts and prefixes on HF text models (BERT family, GPT-2, Llama): each task's rows get the sequence its own
   wrapper builds, padded to the batch's length with masked positions after the tokens (``mixed_text.py``).
 
@@ -44,7 +45,7 @@ from deltatune.methods.fact import FacTLinear
 from deltatune.methods.ia3 import IA3
 from deltatune.methods.lora import LoRALinear
 from deltatune.methods.ssf import SSF, channel_dim
-from deltatune.serve import mixed_text
+from deltatune.serve import mixed_text, mixed_tokens
 from deltatune.serve._share import share_copy
 from deltatune.targeting import innermost, is_delta, set_module
 
@@ -68,7 +69,7 @@ def plan(model: nn.Module, backbone: nn.Module) -> tuple[Plan | None, str]:
     accounted = {id(p) for p in backbone.parameters()}
     if result.head:
         accounted |= {id(p) for p in model.get_submodule(result.head).parameters()}
-    for name, module in mixed_text.sites(model):  # inside text prompt/prefix wrappers too, by plain names
+    for name, module in mixed_tokens.iter_sites(model):  # inside wrappers too (AdaptFormer over SSF)
         if not is_delta(module):
             continue
         ops, why = _chain(name, module)
@@ -80,7 +81,7 @@ def plan(model: nn.Module, backbone: nn.Module) -> tuple[Plan | None, str]:
         if id(p) in accounted:
             continue
         site, _, leaf = pname.rpartition(".")
-        layer = mixed_text.plain_module(model, site)
+        layer = innermost(mixed_tokens.resolve(model, site))  # through wrappers (BitFit inside AdaptFormer)
         if leaf != "bias" or not isinstance(layer, BIAS_LAYERS):
             return None, f"{pname} is trained (only biases of Linear/LayerNorm/Conv2d layers mix per row)"
         result.sites.setdefault(site, []).insert(0, ("bias", p))
@@ -109,10 +110,14 @@ def _chain(name: str, module: nn.Module) -> tuple[list[Op] | None, str]:
             ops.append(("ia3-in" if module.mode == "input" else "ia3", module))  # input scaling: innermost only
         elif mixed_text.kind(module) and not ops and not is_delta(module.base):  # text prompts/prefixes: alone
             ops.append((mixed_text.kind(module), module))
+        elif (kind := mixed_tokens.kind(module)) is not None:  # VPT, timm prefix, AdaptFormer on HF FFN outputs
+            ops.append((kind, module))
         else:
-            return None, f"{module.delta_method} at {name} has no per-row kernel (its rows run through its own model)"
+            why = mixed_tokens.why_not(module)
+            return None, f"{module.delta_method} at {name} {why} (its rows run through its own model)"
         module = module.base
-    return ops[::-1], ""
+    why = mixed_tokens.check(name, [k for k, _ in ops[::-1]])
+    return (None, why) if why else (ops[::-1], "")
 
 
 class Context:
@@ -121,6 +126,7 @@ class Context:
     idx: Tensor
     groups: list[tuple[int, int, int]]  # (task position, start row, end row)
     width: int  # the widest head's class count: every row's logits are padded to it
+    tokens: mixed_tokens.Layout | None = None  # the batch's VPT prompt slots (mixed_tokens.install)
 
 
 class MixedSite(nn.Module):
@@ -349,7 +355,8 @@ def _assign(slots: list[str], ops: list[Op]) -> list[Any]:
 def build(backbone: nn.Module, tasks: list[Any]) -> nn.Module:
     """A copy of the backbone (sharing its tensors) whose changed sites are MixedSites and head a MixedHead."""
     net, ctx = share_copy(backbone), Context()
-    names, text = list(dict.fromkeys(s for t in tasks for s in t.plan.sites)), {}
+    names = sorted(dict.fromkeys(s for t in tasks for s in t.plan.sites), key=lambda s: -s.count("."))  # inner first
+    text: dict[str, list[list[Op]]] = {}
     for site in names:
         ops = [t.plan.sites.get(site, []) for t in tasks]
         if mixed_text.is_text(ops):  # wrapped last, around the per-row sites inside them (mixed_text.py)
@@ -363,13 +370,14 @@ def build(backbone: nn.Module, tasks: list[Any]) -> nn.Module:
             slots.insert(0, "ia3-in")
         per_task = [_assign(slots, o) for o in ops]
         columns = [(kind, [row[i] for row in per_task]) for i, kind in enumerate(slots)]
-        set_module(net, site, MixedSite(innermost(net.get_submodule(site)), columns, ctx))
+        set_module(net, site, mixed_tokens.site(innermost(net.get_submodule(site)), columns, ctx, MixedSite))
     for site in names:  # after every site is in place: the hook must sit on the module that will run
         taps = {stream_norm_name(net, site) for t in tasks for k, m in t.plan.sites.get(site, []) if
                 k == "adaptformer" and m.tapped}  # fmt: skip
         for norm in taps - {None}:
             net.get_submodule(norm).register_forward_pre_hook(net.get_submodule(site).take_stream)
     mixed_text.install(net, text, ctx)
+    mixed_tokens.install(net, tasks, ctx)
     head = tasks[0].plan.head if tasks else None
     if head:
         set_module(net, head, MixedHead([t.model.get_submodule(head) for t in tasks], ctx))
@@ -389,5 +397,6 @@ def run(net: nn.Module, x: Any, positions: list[int], counts: list[int], width: 
     if head is None:
         raise DeltaTuneError("mixed batch: the tasks have no classification head")
     ctx.width = width
+    mixed_tokens.prepare(ctx)
     out = net(**x) if isinstance(x, dict) else net(x)
     return out.logits if hasattr(out, "logits") else out

@@ -36,50 +36,24 @@ from deltatune.errors import DeltaTuneError
 from deltatune.methods._decoder import DecoderPrefix, DecoderPrompt, Delegating
 from deltatune.methods.prefix import PrefixAttention
 from deltatune.methods.prompt import SoftPrompt
-from deltatune.targeting import innermost, is_delta, set_module
+from deltatune.targeting import innermost, set_module
 
 if TYPE_CHECKING:
     from deltatune.serve.mixed import Context
 
-KINDS = ("prompt", "prefix", "decoder")
+KINDS = ("text-prompt", "text-prefix", "text-decoder")  # distinct from mixed_tokens' timm "prefix"
 Rows = list[tuple[Any, int, int]]  # (the task's wrapper or None, start row, end row) per group of the batch
 
 
 def kind(module: nn.Module) -> str | None:
     """The mixed-text kind of a delta wrapper (None: not a text prompt/prefix wrapper this module mixes)."""
     if isinstance(module, SoftPrompt) and isinstance(getattr(module.base, "word_embeddings", None), nn.Embedding):
-        return "prompt"
+        return "text-prompt"
     if isinstance(module, PrefixAttention) and hasattr(innermost(module.base), "attention_head_size"):
-        return "prefix"  # HF BERT-family self-attention (timm's Attention is another module's)
+        return "text-prefix"  # HF BERT-family self-attention (timm's Attention is another module's)
     if isinstance(module, (DecoderPrompt, DecoderPrefix)):
-        return "decoder"
+        return "text-decoder"
     return None
-
-
-def sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(plain name, module) of every module, not descending into delta wrappers except text prompt/prefix
-    wrappers, whose wrapped module's sites follow under the wrapper's own (plain) name."""
-    out: list[tuple[str, nn.Module]] = []
-
-    def walk(module: nn.Module, prefix: str) -> None:
-        for child_name, child in module.named_children():
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            out.append((name, child))
-            if not is_delta(child):
-                walk(child, name)
-            elif kind(child) is not None:
-                walk(innermost(child), name)
-
-    walk(model, "")
-    return out
-
-
-def plain_module(model: nn.Module, name: str) -> nn.Module:
-    """The plain layer at a backbone name, seen through every delta wrapper on the way."""
-    module = innermost(model)
-    for atom in name.split(".") if name else []:
-        module = innermost(getattr(module, atom))
-    return module
 
 
 def is_text(ops: list[list[tuple[str, Any]]]) -> bool:
@@ -95,12 +69,12 @@ def install(net: nn.Module, text_sites: dict[str, list[list[tuple[str, Any]]]], 
         per_task = [o[0][1] if o else None for o in ops]
         base = net.get_submodule(site)
         kinds = {o[0][0] for o in ops if o}
-        if kinds == {"prompt"}:
+        if kinds == {"text-prompt"}:
             wrapper: nn.Module = MixedPrompt(base, per_task, ctx)
             parent = site.rpartition(".")[0]
             encoder = net.get_submodule(parent) if parent else net
             encoder.register_forward_pre_hook(wrapper.pad_mask_hook, with_kwargs=True)
-        elif kinds == {"prefix"}:
+        elif kinds == {"text-prefix"}:
             wrapper = MixedPrefix(base, per_task, ctx)
         else:
             wrapper = MixedDecoder(base, per_task, ctx)

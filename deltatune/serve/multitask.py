@@ -11,8 +11,9 @@ task costs its delta tensors (and its head) only; adding, removing and switching
 backbone. ``deltatune.load_delta`` loads each file into its copy, so every file gets all of its checks (integrity,
 backbone class, shapes and the frozen values' hashes). A mixed batch runs in one pass through the backbone where
 every task's deltas have a per-row kernel (SSF, BitFit biases, LoRA on Linear layers, FacT, IA3, adapters,
-AdaptFormer on timm MLPs; ``mixed.py``; prompts and prefixes on HF text models, ``mixed_text.py``); a batch
-holding a task with other methods (VPT, AdaptFormer on HF FFNs, ...) runs each task's rows through its own model
+AdaptFormer; ``mixed.py``; on timm ViTs VPT shallow/deep and prefixes with any prompt counts: each row's
+prompt/prefix slots, padding masked, ``mixed_tokens.py``; prompts and prefixes on HF text models, ``mixed_text.py``);
+a batch holding a task with other methods (Swin VPT, compacter, ...) runs each task's rows through its own model
 instead (exact, one backbone pass per task: slower; ``strict=True`` refuses).
 Rows must be independent, which holds for transformers; a BatchNorm backbone in train mode always groups.
 """

@@ -18,12 +18,14 @@ OFFLINE = ["--model", "deltatune_offline_vit", "--img-size", "32", "--batch", "3
 VIT_SMALL = ["--model", "vit_small_patch16_224", "--img-size", "112", "--batch", "32"]  # the main bench's model
 CPU_CLOCK = ["--threads", "1", "--clock", "cpu"]
 FACT_ADAPTFORMER = ["--methods", "fact-tt,adaptformer"]
+MAIN3 = ["--methods", "ssf,bitfit,lora"]
 RUNS: dict[str, list[str]] = {  # benchmarks/<name>.md and .json
     "multitask": [*OFFLINE, *CPU_CLOCK, "--steps", "15"],
     "multitask_wall": [*OFFLINE, "--steps", "15"],
     "multitask_vit_small": [*VIT_SMALL, *CPU_CLOCK, "--steps", "8"],
     "multitask_vit_small_wall": [*VIT_SMALL, "--steps", "8"],
     "multitask_compiled": [*OFFLINE, *CPU_CLOCK, "--steps", "10", "--compile"],
+    "multitask_vit_small_compiled": [*VIT_SMALL, *CPU_CLOCK, "--steps", "6", "--compile", *MAIN3],
     "multitask_ia3_vit_small_wall": [*VIT_SMALL, "--steps", "8", "--methods", "ia3"],
     "multitask_fact_adaptformer_vit_small": [*VIT_SMALL, *CPU_CLOCK, "--steps", "8", *FACT_ADAPTFORMER],
     "multitask_fact_adaptformer_vit_small_wall": [*VIT_SMALL, "--steps", "8", *FACT_ADAPTFORMER],

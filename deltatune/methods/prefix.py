@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -171,12 +172,7 @@ class PrefixAttention(nn.Module):
         v = torch.cat([kv[1].expand(b, -1, -1, -1), v], dim=2)
         if mask is not None:  # prefixes are visible from every query
             mask = F.pad(mask, (self.p, 0), value=True if mask.dtype == torch.bool else 0.0)
-        if fused:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
-        scores = q * scale @ k.transpose(-2, -1)  # (B, h, N, p + N): the wrapped module's explicit path
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        return F.dropout(scores.softmax(-1), dropout, training=dropout > 0) @ v
+        return attention(q, k, v, mask, dropout, scale, fused)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         a = innermost(self.base)
@@ -185,17 +181,8 @@ class PrefixAttention(nn.Module):
         return self._hf(a, x, *args, **kwargs)
 
     def _timm(self, a: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if is_causal:
-            raise DeltaTuneError("prefix: causal attention is not supported on timm models")
-        b, n, _ = x.shape
-        gate = a.gate(x).sigmoid() if getattr(a, "gate", None) is not None else None
-        q, k, v = a.qkv(x).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = a.q_norm(q), a.k_norm(k)
-        out = self.attend(q, k, v, attn_mask, a.attn_drop.p if self.training else 0.0, a.scale, a.fused_attn)
-        out = a.norm(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, d_attn)
-        if gate is not None:
-            out = out * gate
-        return a.proj_drop(a.proj(out))
+        return timm_attention(a, x, lambda q, k, v, dropout: self.attend(q, k, v, attn_mask, dropout, a.scale,
+                                                                        a.fused_attn), self.training, is_causal)
 
     def _hf(self, a: nn.Module, x: Tensor, attention_mask: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         shape = (*x.shape[:-1], -1, a.attention_head_size)
@@ -221,6 +208,34 @@ class PrefixAttention(nn.Module):
             del self.prefix_mlp
             self.prefix_kv = nn.Parameter(kv.contiguous(), requires_grad=False)
         return None
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, scale: float, fused: bool
+) -> Tensor:
+    """Softmax attention, fused or the explicit path (what FLOP counters see); a boolean or additive mask."""
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    scores = q * scale @ k.transpose(-2, -1)  # (B, h, N, keys)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return F.dropout(scores.softmax(-1), dropout, training=dropout > 0) @ v
+
+
+def timm_attention(
+    a: nn.Module, x: Tensor, core: Callable[[Tensor, Tensor, Tensor, float], Tensor], training: bool, is_causal: bool
+) -> Tensor:
+    """timm ``Attention.forward`` with its softmax step replaced by ``core(q, k, v, dropout)`` (q, k, v (B, h, N,
+    d_h)): the prefixed attention recomputes the wrapped module's own layers around it."""
+    if is_causal:
+        raise DeltaTuneError("prefix: causal attention is not supported on timm models")
+    b, n, _ = x.shape
+    gate = a.gate(x).sigmoid() if getattr(a, "gate", None) is not None else None
+    q, k, v = a.qkv(x).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = a.q_norm(q), a.k_norm(k)
+    out = core(q, k, v, a.attn_drop.p if training else 0.0)
+    out = a.norm(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, d_attn)
+    return a.proj_drop(a.proj(out if gate is None else out * gate))
 
 
 def fold_prefixes(model: nn.Module) -> nn.Module:

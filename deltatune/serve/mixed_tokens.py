@@ -21,6 +21,7 @@ pool, a different kernel per layer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.adaptformer import AdaptFormer
-from deltatune.methods.prefix import PrefixAttention
+from deltatune.methods.prefix import PrefixAttention, attention, timm_attention
 from deltatune.methods.vpt import VPTPrompt, VPTRemove, VPTSwinPool, VPTWindowAttention
 from deltatune.targeting import innermost
 
@@ -175,26 +176,23 @@ class PrefixMix(nn.Module):
         self.__dict__["per_task"] = per_task  # the tasks' own modules: not submodules of the mixed model
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        groups, a = self.ctx.groups, self.attn
-        counts = [0 if self.per_task[pos] is None else self.per_task[pos].p for pos, _, _ in groups]
-        slots = max(counts)
-        if not slots:
-            return a(x, attn_mask=attn_mask, is_causal=is_causal)
-        if is_causal:
-            raise DeltaTuneError("prefix: causal attention is not supported on timm models")
-        b, n, _ = x.shape
-        gate = a.gate(x).sigmoid() if getattr(a, "gate", None) is not None else None
-        q, k, v = a.qkv(x).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = a.q_norm(q), a.k_norm(k)
+        counts = [0 if self.per_task[pos] is None else self.per_task[pos].p for pos, _, _ in self.ctx.groups]
+        if not max(counts):
+            return self.attn(x, attn_mask=attn_mask, is_causal=is_causal)
+        core = functools.partial(self._attend, counts=counts, attn_mask=attn_mask, like=x)
+        return timm_attention(self.attn, x, core, self.training, is_causal)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, dropout: float, counts: list[int], attn_mask: Tensor | None,
+                like: Tensor) -> Tensor:
+        """Attention over each row's prefix slots and its tokens; q, k, v (B, h, N, d_h)."""
+        a, groups, slots, n = self.attn, self.ctx.groups, max(counts), q.shape[2]
         blank = (2, slots, a.num_heads * a.head_dim)
-        kv = _slot_rows(self.per_task, groups, blank, x, lambda m: m.prefixes().to(x.dtype))  # (B, 2, Q, d_attn)
+        kv = _slot_rows(self.per_task, groups, blank, like, lambda m: m.prefixes().to(like.dtype))  # (B, 2, Q, d)
         kv = kv.unflatten(-1, (a.num_heads, -1)).permute(1, 0, 3, 2, 4)  # (2, B, h, Q, d_h)
         k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)  # (B, h, Q + N, d_h)
         if any(c != slots for c in counts) or attn_mask is not None:
             attn_mask = _join(key_mask(counts, groups, slots, slots, 0, q), attn_mask, n, q)
-        out = _attend(q, k, v, attn_mask, a.attn_drop.p if self.training else 0.0, a.scale, a.fused_attn)
-        out = a.norm(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, d_attn)
-        return a.proj_drop(a.proj(out if gate is None else out * gate))
+        return attention(q, k, v, attn_mask, dropout, a.scale, a.fused_attn)
 
 
 def _join(prefix: Tensor, tokens: Tensor | None, n: int, like: Tensor) -> Tensor:
@@ -206,15 +204,6 @@ def _join(prefix: Tensor, tokens: Tensor | None, n: int, like: Tensor) -> Tensor
     tokens = tokens.to(like.dtype)
     lead = torch.broadcast_shapes(prefix.shape[:-1], tokens.shape[:-1])
     return torch.cat([prefix.expand(*lead, -1), tokens.expand(*lead, -1)], dim=-1)
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, scale: float, fused: bool) -> Tensor:
-    """Softmax attention, fused or timm's explicit path (what FLOP counters see)."""
-    if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
-    scores = q * scale @ k.transpose(-2, -1)  # (B, h, N, Q + N)
-    scores = scores if mask is None else scores + mask
-    return F.dropout(scores.softmax(-1), dropout, training=dropout > 0) @ v
 
 
 class Bound(nn.Module):

@@ -90,6 +90,20 @@ def recompute(kind: str, arg: Any, saved: tuple[Tensor | None, ...]) -> Tensor:
     return x
 
 
+def _for_products(x: Tensor, scaling: float) -> tuple[Tensor, float]:
+    """x as the backward's products take it, and the factor for their (small) results: ``(x, s)``, or traced
+    ``(-x, -s)``.
+
+    Under torch.compile the partitioner keeps any activation that a backward matmul reads directly ("materialized
+    in backward"), so x (a LayerNorm's or GELU's output) would be kept beside what its producer keeps. Read through
+    a negation (fused into x's recompute, not a no-op that graph passes remove), x is recomputed from its producer's
+    kept tensors instead: the compiled twin of ``input_recipe``. Eager runs take x as it is.
+    """
+    if torch.compiler.is_compiling():
+        return -x, -scaling
+    return x, scaling
+
+
 class LoRALinearFn(torch.autograd.Function):
     """``F.linear(x, W + s B A, b)`` for a frozen W: one matmul forward, the low-rank grads from x (or its recipe)."""
 
@@ -130,7 +144,7 @@ class LoRALinearFn(torch.autograd.Function):
             dbias = dy2.sum(0)
         if need_a or need_b:
             x = kept[0] if ctx.recipe is None else recompute(*ctx.recipe, tuple(kept))
-            x2 = rows(x).to(dy.dtype)  # (N, in)
+            x2, s = _for_products(rows(x).to(dy.dtype), s)  # (N, in)
         if need_a:  # products ordered so that the small dim is the output's rows: several times faster on CPU
             if dh is None:
                 dh = torch.cat([b.to(dy.dtype).t().mm(part.t()).t() for b, part in zip(lora_b, parts)], 1)

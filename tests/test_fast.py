@@ -421,3 +421,21 @@ def test_compiled_default_keeps_little_more_than_the_floor_and_matches_float64(m
     for n, g in grads.items():
         assert rel_err(g.double(), ref_grads[n]) < 1e-5, n
     assert saved / _compiled_floor_bytes(partitioner) <= most
+
+
+@pytest.mark.parametrize("name", ["lora-linear", "lora-qv"])
+def test_lora_input_gradient_is_contiguous(name: str) -> None:
+    """dx reaches the producer's backward (GELU's, LayerNorm's) contiguous: a view with strided rows (dy B riding
+    along dx's matmul as extra columns, before) halves their speed. Values as the float64 plain formula's."""
+    layer = _layer(name, False)
+    leaf = torch.randn(4, 6, 12, requires_grad=True)
+    x = leaf * 1.0  # a producer whose gradient hook sees dx as LoRA hands it over
+    seen: list[Tensor] = []
+    x.register_hook(seen.append)
+    layer(x).backward(torch.ones(4, 6, 18))
+    assert seen[0].is_contiguous()
+    reference = copy.deepcopy(layer).double()
+    x64 = leaf.detach().double().requires_grad_()
+    with kernels.disabled():
+        reference(x64).backward(torch.ones(4, 6, 18, dtype=torch.float64))
+    assert rel_err(leaf.grad.double(), x64.grad) < 1e-6

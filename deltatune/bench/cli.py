@@ -10,8 +10,9 @@ the configuration's resident weights and optimizer state; on CPU the activation 
 (``deltatune.bench.measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
 formulas (``deltatune.kernels.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
 forces LoRA to recompute its LayerNorm/GELU inputs in backward (now the default on every device, so it equals
-``lora``; ``deltatune.kernels.lora``). ``--multitask 1,4,16`` times mixed-task batches instead
-(``deltatune.bench.multitask``).
+``lora``; ``deltatune.kernels.lora``). With ``--compile`` every configuration's compiled calls run under the
+``--partitioner`` setting (default ``lean``: ``PARTITIONERS``), the floor's included. ``--multitask 1,4,16`` times
+mixed-task batches instead (``deltatune.bench.multitask``).
 """
 
 from __future__ import annotations

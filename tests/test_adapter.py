@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_backbone, make_input, run
@@ -75,3 +76,25 @@ def test_pruned_sizes_rebuild_from_config() -> None:
     assert model.blocks[0].mlp.fc2.hidden == 1
     assert not isinstance(model.blocks[1].attn.proj, Adapter)
     assert model.blocks[1].mlp.fc2.hidden == 4
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_adds_in_place_and_matches_float64(bias: bool) -> None:
+    """Inference on a frozen Linear: the up-projection accumulates into the base's output (no separate residual
+    add, one pass over the activations fewer), equal to the formula in float64; training keeps the plain graph."""
+    model = deltatune.apply(make_backbone("vit"), "adapter", hidden=5, bias=bias)
+    adapter = model.blocks[0].mlp.fc2
+    with torch.no_grad():
+        for p in adapter.delta_parameters():
+            p.normal_(0.0, 0.3)
+    z = torch.randn(2, 7, adapter.base.in_features)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = adapter(z)
+    ops = {e.name for e in prof.events()}
+    assert "aten::addmm_" in ops and "aten::add" not in ops, ops
+    lin = {n: p.detach().double() for n, p in adapter.named_parameters()}
+    y = F.linear(z.double(), lin["base.weight"], lin["base.bias"])
+    h = F.gelu(F.linear(y, lin["adapter_down.weight"], lin.get("adapter_down.bias")))
+    expected = y + F.linear(h, lin["adapter_up.weight"], lin.get("adapter_up.bias"))
+    assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+    assert adapter(z).grad_fn is not None and adapter(z).requires_grad  # training: the autograd path

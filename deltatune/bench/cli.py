@@ -10,8 +10,9 @@ the configuration's resident weights and optimizer state; on CPU the activation 
 (``deltatune.bench.measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
 formulas (``deltatune.kernels.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
 forces LoRA to recompute its LayerNorm/GELU inputs in backward (now the default on every device, so it equals
-``lora``; ``deltatune.kernels.lora``). ``--multitask 1,4,16`` times mixed-task batches instead
-(``deltatune.bench.multitask``).
+``lora``; ``deltatune.kernels.lora``). With ``--compile`` every configuration's compiled calls run under the
+``--partitioner`` setting (default ``lean``: ``PARTITIONERS``), the floor's included. ``--multitask 1,4,16`` times
+mixed-task batches instead (``deltatune.bench.multitask``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {  # row -> (deltatune method, 
     "adapter": ("adapter", {"hidden": 24}),
 }
 NUM_CLASSES = 100
+# --partitioner lean: AOTAutograd's partitioner may recompute ops outside its allowlist (timm's qkv unbind) and ops
+# whose inputs were made far apart (the residual stream from its last copy): a compiled SSF then keeps its pre-affine
+# outputs instead of beside q, k, v and the residual stream. Set only while the compiled models run (their first call
+# partitions), for every configuration alike.
+PARTITIONERS: dict[str, dict[str, Any]] = {
+    "lean": {"ban_recompute_not_in_allowlist": False, "ban_recompute_used_far_apart": False},
+    "torch": {},
+}
 
 
 @dataclass
@@ -66,6 +75,7 @@ class Case:
     recompute: bool | None = None
     merge: Callable[[nn.Module], nn.Module] | None = None
     result: dict[str, Any] = field(default_factory=dict)
+    partitioner: dict[str, Any] = field(default_factory=dict)  # functorch config set around compiled calls
 
 
 def _peft_model(model: nn.Module, name: str) -> nn.Module | None:
@@ -88,7 +98,9 @@ def _peft_model(model: nn.Module, name: str) -> nn.Module | None:
     return peft.get_peft_model(model, config)
 
 
-def build_case(name: str, make: Callable[[], nn.Module], compile_model: bool, fused: bool) -> Case | None:
+def build_case(
+    name: str, make: Callable[[], nn.Module], compile_model: bool, fused: bool, partitioner: str = "lean"
+) -> Case | None:
     """The configuration ``name`` on a fresh backbone (None: peft missing or not applicable)."""
     model = make()
     merge: Callable[[nn.Module], nn.Module] | None = None
@@ -110,7 +122,9 @@ def build_case(name: str, make: Callable[[], nn.Module], compile_model: bool, fu
     trainable = sum(p.numel() for p in params)
     recompute = True if name.endswith("-recompute") else None
     plain, floor = name.endswith("-plain"), name == "floor"
-    return Case(name, model, compiled, optimizer, trainable, plain, floor, recompute, merge)
+    case = Case(name, model, compiled, optimizer, trainable, plain, floor, recompute, merge)
+    case.partitioner = dict(PARTITIONERS[partitioner]) if compile_model else {}
+    return case
 
 
 def _logits(out: Any) -> Tensor:
@@ -121,6 +135,8 @@ def _logits(out: Any) -> Tensor:
 def _mode(case: Case, amp: torch.dtype | None, device: torch.device) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(kernels.recompute_inputs(case.recompute))
+        if case.partitioner:  # read when the compiled graph is partitioned (its first call); same on every call
+            stack.enter_context(torch._functorch.config.patch(**case.partitioner))
         if case.plain:
             stack.enter_context(kernels.disabled())
         if amp is not None:
@@ -191,7 +207,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         return model.to(device).train()
 
     fused = device.type == "cuda"
-    cases = {c.name: c for n in names if (c := build_case(n, make, args.compile, fused)) is not None}
+    build = lambda n: build_case(n, make, args.compile, fused, args.partitioner)  # noqa: E731
+    cases = {c.name: c for n in names if (c := build(n)) is not None}
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(device)
     target = torch.randint(0, NUM_CLASSES, (args.batch,), generator=g).to(device)
@@ -201,7 +218,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         case.result = {"name": case.name, "trainable": case.trainable, "step_ms_all": times[case.name]}
         case.result.update(measure_memory(case, x, target, amp))
     infer = _inference_times(cases, x, amp, args)
-    return {"meta": _report.meta(args, device), "results": _results(cases, infer, args.batch)}
+    meta = {**_report.meta(args, device), "partitioner": args.partitioner if args.compile else None}
+    return {"meta": meta, "results": _results(cases, infer, args.batch)}
 
 
 def _inference_times(
@@ -304,6 +322,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with --multitask, of ssf, bitfit, lora, ia3",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (training and inference)")
+    parser.add_argument(
+        "--partitioner",
+        choices=tuple(PARTITIONERS),
+        default="lean",
+        help="with --compile: 'lean' lets AOTAutograd recompute views outside its allowlist (every configuration, "
+        "the floor included; cli.PARTITIONERS), 'torch' keeps torch's defaults",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--clock",

@@ -66,3 +66,26 @@ def down(base: nn.Module, x: Tensor, y: Tensor, layer: nn.Module) -> Tensor | No
     if input_recipe(x) is None and x.shape[-1] > y.shape[-1] and not saving_is_hooked():
         return None  # keeping x would cost more than y (compiled: no recipes); checkpointed regions keep nothing
     return AdapterDownFn.apply(y, x, base.weight, base.bias, layer.weight, layer.bias)
+
+
+def infer(base: nn.Module, x: Tensor, down: nn.Module, act: nn.Module, up: nn.Module) -> Tensor | None:
+    """``y + up(act(down(y)))`` for ``y = base(x)`` when nothing needs gradients, or None where the plain one serves.
+
+    The up-projection accumulates into y in place (a matmul with beta 1) instead of writing its own output that a
+    residual add then reads back with y: one pass and one allocation over the activations fewer a site.
+    """
+    if not (is_enabled() and plain_linear(base) and type(down) is nn.Linear and type(up) is nn.Linear):
+        return None
+    if needs_grad(x, *down.parameters(), *up.parameters()) or torch.is_autocast_enabled(x.device.type):
+        return None
+    if base._forward_hooks or base._forward_pre_hooks:  # a hook may keep y, which is modified in place here
+        return None
+    y = F.linear(x, base.weight, base.bias)
+    if y.dtype != up.weight.dtype or y.dtype != down.weight.dtype:
+        return None
+    h = act(F.linear(y, down.weight, down.bias))
+    out = rows(y)  # a view of y (fresh and contiguous): the sum lands in y
+    out.addmm_(rows(h), up.weight.t())
+    if up.bias is not None:
+        out.add_(up.bias)
+    return y

@@ -129,12 +129,18 @@ class Adapter(nn.Module):
         return self.adapter_down.out_features
 
     def forward(self, x: Tensor) -> Tensor:
+        out = self._infer(x) if self.channels_last else None
+        if out is not None:  # inference on a frozen Linear: the up-projection adds into the base's output in place
+            return out
         y = self.base(x)
         z = y if self.channels_last else y.movedim(1, -1)  # channels last: (..., d)
         h = fast_adapter.down(self.base, x, y, self.adapter_down) if self.channels_last else None
         h = self.adapter_down(z) if h is None else h  # the fast path keeps x's recipe instead of y
         z = z + self.adapter_up(self.adapter_act(h))
         return z if self.channels_last else z.movedim(-1, 1)
+
+    def _infer(self, x: Tensor) -> Tensor | None:
+        return fast_adapter.infer(self.base, x, self.adapter_down, self.adapter_act, self.adapter_up)
 
     def delta_parameters(self) -> list[nn.Parameter]:
         return [*self.adapter_down.parameters(), *self.adapter_up.parameters()]

@@ -24,6 +24,7 @@ from deltatune.core import apply, delta_state_dict, merge, summary, trainable_pa
 from deltatune.errors import DeltaTuneError
 from deltatune.interop.official import load_official
 from deltatune.interop.peft import load_peft, save_peft
+from deltatune.kernels.compile import compile  # torch.compile with the lean partitioner
 from deltatune.methods.pruning import prune_adapters
 from deltatune.offline import backbone as _offline_backbone  # noqa: F401  (timm.create_model("deltatune_offline_vit"))
 from deltatune.predict import Prediction, predict
@@ -34,6 +35,7 @@ globals().update({cls.__name__: cls for cls in config_classes()})
 
 __all__ = [
     "DeltaTuneError",
+    "compile",
     "Prediction",
     "apply",
     "create_backbone",

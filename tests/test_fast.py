@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,6 @@ from torch import Tensor, nn
 
 import deltatune
 from deltatune import kernels
-from deltatune.bench import cli as bench_cli
 from deltatune.bench.measure import count_saved
 from deltatune.kernels import lora as fast_lora
 from deltatune.kernels import ssf as fast
@@ -371,56 +369,6 @@ def test_default_gradients_match_float64(method: str, amp: bool) -> None:
     for n, g in grads.items():
         assert g.dtype == torch.float32 and rel_err(g.double(), ref_grads[n]) < tol, n
 
-
-
-# method -> (the bench's partitioner setting it is pinned under, the most saved bytes x the compiled floor)
-COMPILED = {"lora-all": ("torch", 1.2), "ssf": ("lean", 1.1)}
-
-
-@functools.cache
-def _compiled_floor_bytes(partitioner: str) -> int:
-    floor = _two_blocks().requires_grad_(False)
-    return _compiled_saved(floor, make_input("vit").requires_grad_(), partitioner)[1]
-
-
-def _two_blocks() -> nn.Module:
-    """A two-block tiny ViT over 64 patches (activations outweigh the input, as in real ViTs), in train mode:
-    compiled with the min-cut partitioner in seconds."""
-    torch.manual_seed(0)
-    return timm.create_model("vit_small_patch16_224", num_classes=5, img_size=32, patch_size=4, depth=2).train()
-
-
-def _compiled_saved(model: nn.Module, x: Tensor, partitioner: str, ref: nn.Module | None = None) -> tuple[dict, int]:
-    """Compiled with AOTAutograd's min-cut partitioner (inductor's, without its code generation) under a bench
-    partitioner setting: the gradients (of ``ref``'s parameters, the ones the compiled model trains) and the bytes
-    one forward saves for backward."""
-    torch._dynamo.reset()  # a same-shaped model compiled before (under another setting) must not be reused
-    compiled = torch.compile(model, backend="aot_eager_decomp_partition", fullgraph=True)
-    with torch._functorch.config.patch(**bench_cli.PARTITIONERS[partitioner]):
-        _, grads = _grads(model, x, compiled)
-        return grads, count_saved(compiled, x).bytes
-
-
-@pytest.mark.parametrize("method", list(COMPILED))
-def test_compiled_default_keeps_little_more_than_the_floor_and_matches_float64(method: str) -> None:
-    """Under torch.compile the partitioner decides what is kept. LoRA's backward reads its input through a negation,
-    so the partitioner recomputes it from its LayerNorm/GELU producer (with torch's defaults); SSF's pre-affine
-    outputs replace q, k, v and the residual stream under the bench's lean partitioner. On the two-block ViT they
-    keep 1.14 and 1.09x the compiled floor's bytes (before: 1.46 and 1.56; LoRA's rest is the attention projection's
-    input, a reshaped copy of the attention output, kept); gradients as the float64 plain formulas'."""
-    name, options = DEFAULTS[method]
-    partitioner, most = COMPILED[method]
-    model = deltatune.apply(_two_blocks(), name, **options)
-    perturb_deltas(model)
-    x = make_input("vit")
-    reference = copy.deepcopy(model).double()
-    with kernels.disabled():
-        _, ref_grads = _grads(reference, x.double())
-    grads, saved = _compiled_saved(model, x, partitioner)
-    assert grads.keys() == ref_grads.keys()
-    for n, g in grads.items():
-        assert rel_err(g.double(), ref_grads[n]) < 1e-5, n
-    assert saved / _compiled_floor_bytes(partitioner) <= most
 
 
 @pytest.mark.parametrize("name", ["lora-linear", "lora-qv"])

@@ -10,9 +10,9 @@ the configuration's resident weights and optimizer state; on CPU the activation 
 (``deltatune.bench.measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
 formulas (``deltatune.kernels.disabled``): the obvious implementation the fast paths replace. ``lora-recompute``
 forces LoRA to recompute its LayerNorm/GELU inputs in backward (now the default on every device, so it equals
-``lora``; ``deltatune.kernels.lora``). With ``--compile`` every configuration's compiled calls run under the
-``--partitioner`` setting (default ``lean``: ``PARTITIONERS``), the floor's included. ``--multitask 1,4,16`` times
-mixed-task batches instead (``deltatune.bench.multitask``).
+``lora``; ``deltatune.kernels.lora``). With ``--compile`` every configuration compiles as ``--partitioner``
+says (default ``lean``: ``deltatune.compile``; ``torch``: ``torch.compile``), the floor included.
+``--multitask 1,4,16`` times mixed-task batches instead (``deltatune.bench.multitask``).
 """
 
 from __future__ import annotations
@@ -51,14 +51,10 @@ OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {  # row -> (deltatune method, 
     "adapter": ("adapter", {"hidden": 24}),
 }
 NUM_CLASSES = 100
-# --partitioner lean: AOTAutograd's partitioner may recompute ops outside its allowlist (timm's qkv unbind) and ops
-# whose inputs were made far apart (the residual stream from its last copy): a compiled SSF then keeps its pre-affine
-# outputs instead of beside q, k, v and the residual stream. Set only while the compiled models run (their first call
-# partitions), for every configuration alike.
-PARTITIONERS: dict[str, dict[str, Any]] = {
-    "lean": {"ban_recompute_not_in_allowlist": False, "ban_recompute_used_far_apart": False},
-    "torch": {},
-}
+# --partitioner lean: deltatune.compile (AOTAutograd's partitioner may recompute ops outside its allowlist, timm's
+# qkv unbind, and values made far apart, the residual stream: kernels/compile.py); torch: torch.compile as it is.
+# Every configuration alike, the floor's included.
+PARTITIONERS: dict[str, Callable[[nn.Module], nn.Module]] = {"lean": deltatune.compile, "torch": torch.compile}
 
 
 @dataclass
@@ -75,7 +71,6 @@ class Case:
     recompute: bool | None = None
     merge: Callable[[nn.Module], nn.Module] | None = None
     result: dict[str, Any] = field(default_factory=dict)
-    partitioner: dict[str, Any] = field(default_factory=dict)  # functorch config set around compiled calls
 
 
 def _peft_model(model: nn.Module, name: str) -> nn.Module | None:
@@ -118,13 +113,11 @@ def build_case(
             merge = deltatune.merge
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused) if params else None
-    compiled = torch.compile(model) if compile_model else model
+    compiled = PARTITIONERS[partitioner](model) if compile_model else model
     trainable = sum(p.numel() for p in params)
     recompute = True if name.endswith("-recompute") else None
     plain, floor = name.endswith("-plain"), name == "floor"
-    case = Case(name, model, compiled, optimizer, trainable, plain, floor, recompute, merge)
-    case.partitioner = dict(PARTITIONERS[partitioner]) if compile_model else {}
-    return case
+    return Case(name, model, compiled, optimizer, trainable, plain, floor, recompute, merge)
 
 
 def _logits(out: Any) -> Tensor:
@@ -135,8 +128,6 @@ def _logits(out: Any) -> Tensor:
 def _mode(case: Case, amp: torch.dtype | None, device: torch.device) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(kernels.recompute_inputs(case.recompute))
-        if case.partitioner:  # read when the compiled graph is partitioned (its first call); same on every call
-            stack.enter_context(torch._functorch.config.patch(**case.partitioner))
         if case.plain:
             stack.enter_context(kernels.disabled())
         if amp is not None:

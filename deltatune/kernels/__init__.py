@@ -1,6 +1,8 @@
 """Fused fast paths for delta wrappers on frozen layers: one file per method (``ssf.py``, ``lora.py``,
-``adapter.py``), shared helpers and the per-thread switches in ``_common.py``."""
+``adapter.py``), shared helpers and the per-thread switches in ``_common.py``; ``compile.py``: torch.compile with
+a partitioner that recomputes what the frozen backbone keeps anyway."""
 
 from deltatune.kernels._common import disabled, is_enabled, recompute_inputs
+from deltatune.kernels.compile import compile
 
-__all__ = ["disabled", "is_enabled", "recompute_inputs"]
+__all__ = ["compile", "disabled", "is_enabled", "recompute_inputs"]

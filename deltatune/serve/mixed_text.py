@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from deltatune.errors import DeltaTuneError
 from deltatune.methods._decoder import DecoderPrefix, DecoderPrompt, Delegating
-from deltatune.methods.prefix import PrefixAttention
+from deltatune.methods.prefix import PrefixAttention, attention
 from deltatune.methods.prompt import SoftPrompt
 from deltatune.targeting import innermost, set_module
 
@@ -244,13 +244,8 @@ def _with_prefix(mask: Tensor | None, valid: Tensor, n: int, full: bool) -> Tens
 
 def _attend(a: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, training: bool) -> Tensor:
     """The BERT self-attention's own path (fused SDPA, or the eager one) over the prefixed keys and values."""
-    dropout = a.dropout.p if training else 0.0
-    if a.config._attn_implementation != "eager":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=a.scaling)
-    scores = q * a.scaling @ k.transpose(-2, -1)  # (B, h, N, P + N)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return F.dropout(scores.softmax(-1), dropout, training=dropout > 0) @ v
+    fused = a.config._attn_implementation != "eager"
+    return attention(q, k, v, mask, a.dropout.p if training else 0.0, a.scaling, fused)
 
 
 class MixedDecoder(Delegating):

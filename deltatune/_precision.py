@@ -76,6 +76,21 @@ def settle(model: nn.Module, still_deltas: set[int]) -> None:
             del cast[path]
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype the kept tensors compute in (the backbone's), or None when the model keeps none wider."""
+    for module in model.modules():
+        for dtype in module.__dict__.get(_CAST, {}).values():
+            return dtype
+    return None
+
+
+def release(model: nn.Module) -> None:
+    """Stops casting at the point of use (the hooks find nothing to do): FSDP's mixed-precision all-gather casts
+    the kept tensors instead (``train.fsdp.shard``)."""
+    for module in model.modules():
+        module.__dict__.pop(_CAST, None)
+
+
 def _hook(module: nn.Module) -> None:
     if module.__dict__.get(_HOOKED):
         return

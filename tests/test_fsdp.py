@@ -117,6 +117,23 @@ def test_fsdp_halves_the_backbone_per_rank() -> None:
     assert len(sizes["2"]) == 2 and all(r["backbone_bytes"] <= 0.55 * one for r in sizes["2"])
 
 
+def test_fsdp_bf16_backbone_with_float32_deltas_trains_as_ddp(runs: dict[str, Path], tmp_path: Path) -> None:
+    """``--precision bf16 --delta-dtype float32`` under FSDP: FSDP's mixed-precision all-gather casts the float32
+    deltas to bf16 (the cast-at-use hooks would cast the shards and crashed); the deltas stay float32 in the file
+    and equal the DDP run's to bf16 accuracy, and differ from the float32 run's (bf16 really computed)."""
+    bf16 = {**RUN, "precision": "bf16", "delta_dtype": "float32"}
+    _torchrun(tiny_config(tmp_path / "ddp", **bf16))
+    _torchrun(tiny_config(tmp_path / "fsdp", fsdp=True, **bf16))
+    ddp, fsdp = (load_file(tmp_path / k / "delta.safetensors") for k in ("ddp", "fsdp"))
+    assert all(t.dtype == torch.float32 for t in fsdp.values())
+    scale = max(t.abs().max().item() for t in ddp.values())
+    assert _max_diff(tmp_path / "ddp" / "delta.safetensors", tmp_path / "fsdp" / "delta.safetensors") < 1e-2 * scale
+    assert _max_diff(tmp_path / "fsdp" / "delta.safetensors", runs["fsdp"] / "delta.safetensors") > 1e-5
+    losses = [[h["train_loss"] for h in json.loads((tmp_path / k / "report.json").read_text())["history"]]
+              for k in ("ddp", "fsdp")]  # fmt: skip
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2)
+
+
 @pytest.mark.parametrize("option", [{"ema_decay": 0.9}, {"stages": ["bitfit", "lora"]}], ids=["ema", "stages"])
 def test_fsdp_refuses_what_it_does_not_shard(option: dict, tmp_path: Path) -> None:
     with pytest.raises(DeltaTuneError, match="--fsdp"):

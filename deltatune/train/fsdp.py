@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from deltatune import _precision
 from deltatune.core import delta_state_dict
 from deltatune.errors import DeltaTuneError
 from deltatune.train.distributed import Runtime
@@ -41,10 +42,22 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 def shard(model: nn.Module, rt: Runtime) -> nn.Module:
     """Shards ``model`` in place over all ranks: one FSDP unit per block, then the root; returns it."""
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    policy = _policy(model)
     for block in blocks(model):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def _policy(model: nn.Module) -> MixedPrecisionPolicy:
+    """Deltas kept wider than the backbone (``--precision bf16 --delta-dtype float32``): FSDP casts every parameter
+    to the backbone's dtype at the all-gather and reduces gradients in float32, in place of the cast-at-use hooks
+    (which would cast the sharded tensors before FSDP gathers them)."""
+    compute = _precision.compute_dtype(model)
+    if compute is None:
+        return MixedPrecisionPolicy()
+    _precision.release(model)
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
 
 
 def check_supported(ema: bool, phases: int) -> None:

@@ -310,15 +310,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         default=None,
         help=f"comma-separated subset of {', '.join(METHODS + PEFT_METHODS)} (floor and full always run); "
-        "with --multitask, of ssf, bitfit, lora, ia3",
+        f"with --multitask, of {', '.join(multitask.METHODS)}",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (training and inference)")
     parser.add_argument(
         "--partitioner",
         choices=tuple(PARTITIONERS),
         default="lean",
-        help="with --compile: 'lean' lets AOTAutograd recompute views outside its allowlist (every configuration, "
-        "the floor included; cli.PARTITIONERS), 'torch' keeps torch's defaults",
+        help="with --compile: 'lean' compiles with deltatune.compile (the partitioner may also recompute timm's qkv "
+        "split and the residual stream), 'torch' with torch.compile as it is; every configuration alike",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(

@@ -44,7 +44,6 @@ from deltatune.kernels._common import is_enabled, needs_grad, plain_layer_norm, 
 SAFE_SHIFT_RATIO = 2.0  # max |shift / scale| for which the folded SSF recovers its scale gradient from the output
 
 
-
 def _column_sums_plain(dy: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
     acc = torch.promote_types(dy.dtype, torch.float32)  # bf16/fp16 gradients are summed in fp32
     dy = dy.to(acc)

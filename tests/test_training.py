@@ -103,6 +103,26 @@ def test_linear_trains_only_the_head(tmp_path: Path) -> None:
     assert sorted(saved) == ["head.bias", "head.weight"] and report["trainable_params"] == 4 * 64 + 4
 
 
+@pytest.mark.parametrize("method", ["adapter", "lora"])
+def test_gflops_are_the_plain_backbone_plus_the_deltas_closed_form(method: str) -> None:
+    """Unmerged GFLOPs = the plain backbone's + per site 2 * tokens * (d h + h d) (adapter) or 2 * tokens * r *
+    (in + out) (LoRA). The fast paths hid FLOPs: the adapter's in-place up-projection was not counted at all."""
+    x = torch.zeros(1, 3, 32, 32)
+    plain = count_gflops(_plain_test_vit(), x) * 1e9
+    options = {"hidden": 5} if method == "adapter" else {"r": 3, "target_modules": "all-linear"}
+    model = deltatune.apply(_plain_test_vit(), method, **options)
+    tokens = (32 // 8) ** 2 + 1  # patches and the class token, for one image
+    extra = 0
+    for module in model.modules():
+        if hasattr(module, "adapter_down"):
+            extra += 2 * tokens * 2 * module.adapter_down.in_features * module.adapter_down.out_features
+        if hasattr(module, "lora_a"):
+            r, n_in = module.lora_a.shape
+            extra += 2 * tokens * r * (n_in + module.lora_b.shape[1])
+    assert extra > 0
+    assert count_gflops(model, x) * 1e9 == pytest.approx(plain + extra, rel=1e-12)
+
+
 @pytest.mark.parametrize("method", ["ssf", "lora", "bitfit", "adapter"])
 def test_report_numbers_are_consistent(method: str, tmp_path: Path) -> None:
     report = train(tiny_config(tmp_path, method=method, epochs=1, threads=1, benchmark_seconds=0.05))

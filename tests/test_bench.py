@@ -15,7 +15,8 @@ FIELDS = {
     "name", "trainable", "step_ms", "step_ms_all", "images_per_s", "step_x_full", "step_x_floor", "memory_kind",
     "step_x_floor_paired",
     "memory_bytes", "memory_x_floor", "infer_ms", "merged_infer_ms", "infer_x_plain", "merged_x_plain",
-    "infer_ms_all", "merged_infer_ms_all", "step_x_floor_best", "merged_x_plain_best",
+    "infer_ms_all", "merged_infer_ms_all", "step_x_floor_best", "merged_x_plain_best", "flops_x_plain",
+    "infer_x_plain_flops",
 }  # fmt: skip
 
 
@@ -23,7 +24,7 @@ FIELDS = {
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
     argv = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch", "2", "--steps", "2"]
-    argv += ["--warmup", "0", "--methods", "bitfit,ssf,ssf-plain,lora,lora-plain,lora-recompute,adapter,peft-lora"]
+    argv += ["--warmup", "0", "--methods", "bitfit,ssf,ssf-plain,lora,lora-plain,lora-recompute,adapter,mimi,peft-lora"]
     argv += ["--json", str(out / "r.json"), "--md", str(out / "r.md")]
     assert bench.main(argv) == 0
     return json.loads((out / "r.json").read_text()), out
@@ -68,6 +69,35 @@ def test_numbers_are_self_consistent(report: tuple[dict, Path]) -> None:
     assert rows["lora-recompute"]["memory_bytes"] == rows["lora"]["memory_bytes"]  # recomputing is the default
     assert rows["lora-recompute"]["trainable"] == rows["lora"]["trainable"]
     assert rows["ssf-plain"]["merged_infer_ms"] is None and rows["adapter"]["merged_infer_ms"] is not None
+    for r in rows.values():
+        assert math.isclose(r["infer_x_plain_flops"], r["infer_x_plain"] / r["flops_x_plain"])
+
+
+def test_flops_allowance_counts_the_deltas_own_work(report: tuple[dict, Path]) -> None:
+    """FLOPs x plain (the allowance unmerged inference is judged by): 1 for the plain architecture and for SSF
+    (elementwise, uncounted); LoRA's equals HF peft's LoRA of the same config (an independent implementation);
+    adapters add theirs, the MiMi-pruned ones less."""
+    data, _ = report
+    rows = {r["name"]: r for r in data["results"]}
+    for name in ("floor", "full", "bitfit", "ssf"):
+        assert rows[name]["flops_x_plain"] == 1.0, name
+    assert rows["lora"]["flops_x_plain"] == pytest.approx(rows["peft-lora"]["flops_x_plain"], rel=1e-12)
+    assert rows["lora"]["flops_x_plain"] > 1.0
+    assert rows["adapter"]["flops_x_plain"] > rows["mimi"]["flops_x_plain"] > 1.0
+
+
+def test_mimi_row_is_pruned_globally_to_an_eighth() -> None:
+    """The bench's MiMi row: sigma-4 adapters halved three times by a global ranking (1/8 of the neurons kept)."""
+    import timm
+
+    import deltatune
+    from deltatune.methods.pruning import adapter_sizes
+
+    model = deltatune.apply(timm.create_model("test_vit", pretrained=False, num_classes=4), "mimi")
+    start = sum(adapter_sizes(model).values())
+    bench._prune_as_mimi(model)
+    sizes = adapter_sizes(model)
+    assert sum(sizes.values()) == start // 8 and len(set(sizes.values())) > 1  # unequal: one global ranking
 
 
 def test_markdown_starts_with_the_command(report: tuple[dict, Path]) -> None:

@@ -12,7 +12,10 @@ formulas (``deltatune.kernels.disabled``): the obvious implementation the fast p
 forces LoRA to recompute its LayerNorm/GELU inputs in backward (now the default on every device, so it equals
 ``lora``; ``deltatune.kernels.lora``). With ``--compile`` every configuration compiles as ``--partitioner``
 says (default ``lean``: ``deltatune.compile``; ``torch``: ``torch.compile``), the floor included.
-``--multitask 1,4,16`` times mixed-task batches instead (``deltatune.bench.multitask``).
+``mimi`` is MiMi's end state (sigma-4 adapters pruned globally by its score to 1/8 of their neurons, untrained).
+Unmerged inference is also reported over the plain model plus the deltas' own FLOPs (``count_gflops``): the
+allowance adapters and MiMi are judged by. ``--multitask 1,4,16`` times mixed-task batches instead
+(``deltatune.bench.multitask``).
 """
 
 from __future__ import annotations
@@ -38,9 +41,13 @@ import deltatune
 from deltatune import kernels
 from deltatune.bench import _report, multitask
 from deltatune.bench.measure import count_saved, cuda_peak, paired_ratio, resident_bytes, round_robin
+from deltatune.methods.pruning import prune_adapters
 from deltatune.targeting import find_head, is_delta
+from deltatune.train.report import count_gflops
 
-METHODS = ("floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-recompute", "adapter")
+METHODS = (
+    "floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-recompute", "adapter", "mimi"
+)  # fmt: skip
 PEFT_METHODS = ("peft-lora", "peft-ia3")
 OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {  # row -> (deltatune method, options)
     "full": ("full", {}),
@@ -49,7 +56,9 @@ OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {  # row -> (deltatune method, 
     "ssf": ("ssf", {}),
     "lora": ("lora", {"r": 8, "alpha": 16.0, "target_modules": "all-linear"}),
     "adapter": ("adapter", {"hidden": 24}),
+    "mimi": ("mimi", {}),  # sigma 4, then pruned to MIMI_KEEP of its neurons (``_prune_as_mimi``)
 }
+MIMI_KEEP = 4 / 32  # MiMi's default end point: from sigma 4 to the size sigma 32 gives
 NUM_CLASSES = 100
 # --partitioner lean: deltatune.compile (AOTAutograd's partitioner may recompute ops outside its allowlist, timm's
 # qkv unbind, and values made far apart, the residual stream: kernels/compile.py); torch: torch.compile as it is.
@@ -109,6 +118,8 @@ def build_case(
     else:
         method, options = OPTIONS[name.removesuffix("-plain").removesuffix("-recompute")]
         deltatune.apply(model, method, **options)
+        if method == "mimi":
+            _prune_as_mimi(model)
         if any(is_delta(m) for m in model.modules()):
             merge = deltatune.merge
     params = [p for p in model.parameters() if p.requires_grad]
@@ -118,6 +129,13 @@ def build_case(
     recompute = True if name.endswith("-recompute") else None
     plain, floor = name.endswith("-plain"), name == "floor"
     return Case(name, model, compiled, optimizer, trainable, plain, floor, recompute, merge)
+
+
+def _prune_as_mimi(model: nn.Module) -> None:
+    """MiMi's end state without its training: the adapters pruned globally by MiMi's score to ``MIMI_KEEP`` of their
+    neurons in three halvings (its phases), so the sites end with unequal sizes as a global ranking leaves them."""
+    for done in (0.5, 0.75, 1 - MIMI_KEEP):
+        prune_adapters(model, done, score="mimi", scope="global")
 
 
 def _logits(out: Any) -> Tensor:
@@ -209,6 +227,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         case.result = {"name": case.name, "trainable": case.trainable, "step_ms_all": times[case.name]}
         case.result.update(measure_memory(case, x, target, amp))
     infer = _inference_times(cases, x, amp, args)
+    plain_flops = count_gflops(cases["floor"].raw, x)
+    for case in cases.values():  # the adapters' own FLOPs: the allowance their unmerged inference is judged by
+        case.result["flops_x_plain"] = count_gflops(case.raw, x) / plain_flops
     meta = {**_report.meta(args, device), "partitioner": args.partitioner if args.compile else None}
     return {"meta": meta, "results": _results(cases, infer, args.batch)}
 
@@ -251,6 +272,7 @@ def _results(cases: dict[str, Case], infer: dict[str, list[float]], batch: int) 
         r["infer_ms"] = statistics.median(unmerged)
         r["merged_infer_ms"] = None if case.plain or merged is None else statistics.median(merged)
         r["infer_x_plain"] = paired_ratio(unmerged, plain)  # same-round ratios: a few % of drift cancels
+        r["infer_x_plain_flops"] = r["infer_x_plain"] / r["flops_x_plain"]  # over plain + the deltas' own FLOPs
         r["merged_x_plain"] = None if r["merged_infer_ms"] is None else paired_ratio(merged, plain)
         r["merged_x_plain_best"] = None if r["merged_infer_ms"] is None else min(merged) / min(plain)
         out.append(r)
@@ -269,6 +291,9 @@ COLUMNS: list[tuple[str, str, str]] = [  # (header, result key, format)
     ("mem x floor", "memory_x_floor", "{:.2f}"),
     ("trainable", "trainable", "{:,}"),
     ("infer ms", "infer_ms", "{:.1f}"),
+    ("infer x plain, paired", "infer_x_plain", "{:.3f}"),
+    ("FLOPs x plain", "flops_x_plain", "{:.3f}"),
+    ("infer x (plain + FLOPs)", "infer_x_plain_flops", "{:.3f}"),
     ("merged ms", "merged_infer_ms", "{:.1f}"),
     ("merged x plain", "merged_x_plain", "{:.3f}"),
     ("merged x plain, best", "merged_x_plain_best", "{:.3f}"),

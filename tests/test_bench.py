@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from deltatune.bench import cases
 from deltatune.bench import cli as bench
 
 FIELDS = {
@@ -95,7 +96,7 @@ def test_mimi_row_is_pruned_globally_to_an_eighth() -> None:
 
     model = deltatune.apply(timm.create_model("test_vit", pretrained=False, num_classes=4), "mimi")
     start = sum(adapter_sizes(model).values())
-    bench._prune_as_mimi(model)
+    cases.prune_as_mimi(model)
     sizes = adapter_sizes(model)
     assert sum(sizes.values()) == start // 8 and len(set(sizes.values())) > 1  # unequal: one global ranking
 

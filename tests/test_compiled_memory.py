@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import deltatune
 from deltatune import kernels
-from deltatune.bench import cli as bench_cli
+from deltatune.bench import cases as bench_cases
 from deltatune.bench.measure import count_saved
 from deltatune.kernels.compile import LEAN
 
@@ -41,7 +41,7 @@ def _compiled_saved(model: nn.Module, x: Tensor, partitioner: str, ref: nn.Modul
     partitioner setting: the gradients (of ``ref``'s parameters, the ones the compiled model trains) and the bytes
     one forward saves for backward."""
     torch._dynamo.reset()  # a same-shaped model compiled before (under another setting) must not be reused
-    compile_model = bench_cli.PARTITIONERS[partitioner]  # deltatune.compile (lean) or torch.compile
+    compile_model = bench_cases.PARTITIONERS[partitioner]  # deltatune.compile (lean) or torch.compile
     compiled = compile_model(model, backend="aot_eager_decomp_partition", fullgraph=True)
     _, grads = _grads(model, x, compiled)
     return grads, count_saved(compiled, x).bytes

@@ -25,7 +25,7 @@ FIELDS = {
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
     argv = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch", "2", "--steps", "2"]
-    argv += ["--warmup", "0", "--methods", "bitfit,ssf,ssf-plain,lora,lora-plain,lora-recompute,adapter,mimi,peft-lora"]
+    argv += ["--warmup", "0", "--methods", "bitfit,ssf,ssf-plain,lora,lora-plain,lora-keep,adapter,mimi,peft-lora"]
     argv += ["--json", str(out / "r.json"), "--md", str(out / "r.md")]
     assert bench.main(argv) == 0
     return json.loads((out / "r.json").read_text()), out
@@ -67,8 +67,9 @@ def test_numbers_are_self_consistent(report: tuple[dict, Path]) -> None:
     assert floor["trainable"] == 0 and full["trainable"] > rows["lora"]["trainable"] > rows["ssf"]["trainable"]
     assert rows["ssf"]["memory_bytes"] < rows["ssf-plain"]["memory_bytes"]  # the folded SSF keeps less
     assert rows["lora"]["memory_bytes"] < rows["lora-plain"]["memory_bytes"]  # x from its LayerNorm/GELU
-    assert rows["lora-recompute"]["memory_bytes"] == rows["lora"]["memory_bytes"]  # recomputing is the default
-    assert rows["lora-recompute"]["trainable"] == rows["lora"]["trainable"]
+    assert rows["lora"]["memory_bytes"] < rows["lora-keep"]["memory_bytes"]  # recomputing is the default
+    assert rows["lora-keep"]["memory_bytes"] <= rows["lora-plain"]["memory_bytes"]  # x, not also x A^T
+    assert rows["lora-keep"]["trainable"] == rows["lora"]["trainable"]
     assert rows["ssf-plain"]["merged_infer_ms"] is None and rows["adapter"]["merged_infer_ms"] is not None
     for r in rows.values():
         assert math.isclose(r["infer_x_plain_flops"], r["infer_x_plain"] / r["flops_x_plain"])

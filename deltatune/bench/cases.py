@@ -23,7 +23,7 @@ from deltatune.methods.pruning import prune_adapters
 from deltatune.targeting import find_head, is_delta
 
 METHODS = (
-    "floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-recompute", "adapter", "mimi"
+    "floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-keep", "adapter", "mimi"
 )  # fmt: skip
 PEFT_METHODS = ("peft-lora", "peft-ia3")
 OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {  # row -> (deltatune method, options)
@@ -93,7 +93,7 @@ def build_case(
             return None
         merge = lambda m: m.merge_and_unload()  # noqa: E731
     else:
-        method, options = OPTIONS[name.removesuffix("-plain").removesuffix("-recompute")]
+        method, options = OPTIONS[name.removesuffix("-plain").removesuffix("-keep")]
         deltatune.apply(model, method, **options)
         if method == "mimi":
             prune_as_mimi(model)
@@ -103,7 +103,7 @@ def build_case(
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused) if params else None
     compiled = PARTITIONERS[partitioner](model) if compile_model else model
     trainable = sum(p.numel() for p in params)
-    recompute = True if name.endswith("-recompute") else None
+    recompute = False if name.endswith("-keep") else None  # keep LoRA's inputs: the trade-off row
     plain, floor = name.endswith("-plain"), name == "floor"
     return Case(name, model, compiled, optimizer, trainable, plain, floor, recompute, merge)
 

@@ -11,7 +11,8 @@ the configuration's resident weights and optimizer state; on CPU the activation 
 formulas (``deltatune.kernels.disabled``): the obvious implementation the fast paths replace. ``lora-keep``
 keeps LoRA's inputs for backward instead of recomputing them from their LayerNorm/GELU producers (the default,
 ``deltatune.kernels.lora``): the other side of that trade-off, time against saved bytes. With ``--compile`` every
-configuration compiles as ``--partitioner`` says (default ``lean``: ``deltatune.compile``; ``torch``: ``torch.compile``), the floor included.
+configuration compiles as ``--partitioner`` says (default ``lean``: ``deltatune.compile``; ``torch``:
+``torch.compile``), the floor included.
 ``mimi`` is MiMi's end state (sigma-4 adapters pruned globally by its score to 1/8 of their neurons, untrained).
 Unmerged inference is also reported over the plain model plus the deltas' own FLOPs (``count_gflops``): the
 allowance adapters and MiMi are judged by. ``--multitask 1,4,16`` times mixed-task batches instead

@@ -132,7 +132,8 @@ class LoRALinearFn(torch.autograd.Function):
             x = kept[0] if ctx.recipe is None else recompute(*ctx.recipe, tuple(kept))
             x2, s = _for_products(rows(x).to(dy.dtype), s)  # (N, in)
         if need_a:  # products ordered so that the small dim is the output's rows: several times faster on CPU
-            dh = torch.cat([b.to(dy.dtype).t().mm(part.t()).t() for b, part in zip(lora_b, parts)], 1)  # (N, P*r)
+            dhs = [b.to(dy.dtype).t().mm(part.t()).t() for b, part in zip(lora_b, parts)]
+            dh = dhs[0] if len(dhs) == 1 else torch.cat(dhs, 1)  # (N, P*r); one chunk: no copy
             da = dh.t().mm(x2).mul_(s)  # (P*r, in)
         if need_b:
             h = x2.mm(lora_a.to(dy.dtype).t()).t()  # (P*r, N)

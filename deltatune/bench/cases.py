@@ -33,9 +33,9 @@ OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {  # row -> (deltatune method, 
     "ssf": ("ssf", {}),
     "lora": ("lora", {"r": 8, "alpha": 16.0, "target_modules": "all-linear"}),
     "adapter": ("adapter", {"hidden": 24}),
-    "mimi": ("mimi", {}),  # sigma 4, then pruned to MIMI_KEEP of its neurons (``_prune_as_mimi``)
+    "mimi": ("mimi", {}),  # sigma 4, then pruned to MIMI_KEEP of its neurons (``prune_as_mimi``)
 }
-MIMI_KEEP = 4 / 32  # MiMi's default end point: from sigma 4 to the size sigma 32 gives
+MIMI_KEEP = 4 / 32  # MiMi's default end point: sigma-4 adapters pruned to the size sigma 32 gives
 NUM_CLASSES = 100
 # --partitioner lean: deltatune.compile (AOTAutograd's partitioner may recompute ops outside its allowlist, timm's
 # qkv unbind, and values made far apart, the residual stream: kernels/compile.py); torch: torch.compile as it is.
@@ -116,11 +116,13 @@ def prune_as_mimi(model: nn.Module) -> None:
 
 
 def logits(out: Any) -> Tensor:
+    """The logits of a timm model's output (a tensor) or of an HF model's (``.logits``)."""
     return out.logits if hasattr(out, "logits") else out
 
 
 @contextlib.contextmanager
 def mode(case: Case, amp: torch.dtype | None, device: torch.device) -> Iterator[None]:
+    """The row's switches while it runs: LoRA's input recompute, plain formulas, bf16 autocast."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(kernels.recompute_inputs(case.recompute))
         if case.plain:

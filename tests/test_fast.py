@@ -133,6 +133,7 @@ def test_model_fast_path_matches_plain(method: str, kind: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()  # as in a backward without create_graph
 def test_column_sums_are_one_pass_and_exact(dtype: torch.dtype) -> None:
     """On CPU both column sums are one op (batch norm's backward reduction: no activation-sized temporary, 7% of an
     SSF step before), equal to float64 sums of the same values to float32 precision, accumulated in float32 for
@@ -156,6 +157,28 @@ def test_column_sums_are_one_pass_and_exact(dtype: torch.dtype) -> None:
     assert all(t.shape == (8,) and not t.any() for t in empty)
 
 
+def test_second_order_gradients_through_folded_ssf_equal_the_plain_formula() -> None:
+    """create_graph=True (gradient penalties, meta-learning) through the folded SSF: the gradient of a penalty on the
+    first-order gradients equals the plain formula's in float64 (the one-pass reduction has no such derivative)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3)).double()
+    model = deltatune.apply(model, "ssf", target_modules=["0", "2"])
+    perturb_deltas(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+
+    def second_order() -> tuple[Tensor, ...]:
+        first = torch.autograd.grad(model(x).pow(2).sum(), [*params, x], create_graph=True)
+        return torch.autograd.grad(sum(g.pow(2).sum() for g in first), params)
+
+    fast_grads = second_order()
+    with kernels.disabled():
+        plain_grads = second_order()
+    for got, want in zip(fast_grads, plain_grads):
+        assert rel_err(got, want) < 1e-12
+
+
+@torch.no_grad()  # as in a backward without create_graph
 def test_column_sums_falls_back_when_it_cannot_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     """Off the CPU (here: meta tensors) the compiled reduction runs; a compiler failure warns once, then plain sums."""
 

@@ -92,9 +92,11 @@ def column_sums(dy: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """``(dy.sum(0), (dy * y).sum(0))`` for (N, C) tensors, accumulated in at least float32.
 
     Under torch.compile inductor fuses the plain formula into one pass; on CUDA a compiled copy of it runs; on CPU
-    batch norm's backward reduction does both sums in one pass (``_column_sums_cpu``).
+    batch norm's backward reduction does both sums in one pass (``_column_sums_cpu``). A backward that builds a graph
+    (``create_graph=True``: second-order gradients) runs the plain formula, whose derivative is exact; batch norm's
+    double backward would treat the fixed mean and rstd as batch statistics.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():  # create_graph: the differentiable formula
         return _column_sums_plain(dy, y)
     if dy.device.type == "cpu":
         return _column_sums_cpu(dy, y)

@@ -132,19 +132,19 @@ def test_model_fast_path_matches_plain(method: str, kind: str) -> None:
     _compare(model, make_input(kind))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @torch.no_grad()  # as in a backward without create_graph
 def test_column_sums_are_one_pass_and_exact(dtype: torch.dtype) -> None:
     """On CPU both column sums are one op (batch norm's backward reduction: no activation-sized temporary, 7% of an
     SSF step before), equal to float64 sums of the same values to float32 precision, accumulated in float32 for
-    bf16; strided and broadcast gradients (a sum's backward) are read right."""
+    bf16/fp16 (float64 stays float64); strided and broadcast gradients (a sum's backward) are read right."""
     dy, y = torch.randn(1600, 1152).to(dtype), torch.randn(1600, 1152).to(dtype)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         dsum, dot = fast.column_sums(dy, y)
     free = {"aten::to", "aten::promote_types", "aten::slice", "aten::empty", "aten::t", "aten::zeros", "aten::ones"}
     ops = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
     assert [n for n in ops if n not in free] == ["aten::native_batch_norm_backward"], ops
-    assert dsum.dtype == dot.dtype == torch.float32
+    assert dsum.dtype == dot.dtype == torch.promote_types(dtype, torch.float32)
     assert rel_err(dsum.double(), dy.double().sum(0)) < 1e-5
     assert rel_err(dot.double(), (dy.double() * y.double()).sum(0)) < 1e-5
     assert fast.column_sums(dy, None)[1] is None

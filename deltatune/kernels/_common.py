@@ -21,8 +21,12 @@ _RECOMPUTE: ContextVar[bool | None] = ContextVar("deltatune_lora_recompute", def
 
 
 def is_enabled() -> bool:
-    """Whether the wrappers route through the fast paths (True by default)."""
-    return _ENABLED.get()
+    """Whether the wrappers route through the fast paths: True by default, False inside ``disabled()`` and under
+    torch.func transforms (vmap, grad, jacrev: per-sample gradients), which old-style autograd Functions do not
+    support; the plain formulas serve there."""
+    if not _ENABLED.get():
+        return False
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None
 
 
 @contextmanager

@@ -448,3 +448,26 @@ def test_per_sample_gradients_under_torch_func_equal_autograd(method: str) -> No
         want = torch.autograd.grad(one, [named[k] for k in params])
         for (name, got), ref in zip(per_sample.items(), want):
             assert rel_err(got[i], ref) < 1e-5, (name, i)
+
+
+@pytest.mark.parametrize("method", ["ssf", "lora", "adapter"])
+def test_forward_mode_ad_equals_the_plain_formula(method: str) -> None:
+    """Inside a forward-mode AD dual level (jvp without torch.func) the plain formulas run: the output's tangent equals
+    the plain formula's (it raised NotImplementedError for the fast paths' backward-only Functions). The MLP-Mixer:
+    torch's CPU attention has no forward AD of its own."""
+    import torch.autograd.forward_ad as fw
+
+    model = deltatune.apply(make_backbone("mixer"), method)
+    perturb_deltas(model)
+    x = make_input("mixer")
+    tangent = torch.randn_like(x)
+    with fw.dual_level():
+        got = fw.unpack_dual(model(fw.make_dual(x, tangent))).tangent
+    with kernels.disabled(), fw.dual_level():
+        want = fw.unpack_dual(model(fw.make_dual(x, tangent))).tangent
+    assert rel_err(got, want) < 1e-6
+    eps = 1e-3  # and it is the directional derivative: a central difference in float64 agrees
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad(), kernels.disabled():
+        diff = (model64(x.double() + eps * tangent.double()) - model64(x.double() - eps * tangent.double())) / (2 * eps)
+    assert rel_err(got.double(), diff) < 1e-4

@@ -14,6 +14,7 @@ from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 # Context variables: each thread (and asyncio task) sees its own setting, so switching in one never affects another.
 _ENABLED: ContextVar[bool] = ContextVar("deltatune_fast_paths", default=True)
@@ -21,12 +22,14 @@ _RECOMPUTE: ContextVar[bool | None] = ContextVar("deltatune_lora_recompute", def
 
 
 def is_enabled() -> bool:
-    """Whether the wrappers route through the fast paths: True by default, False inside ``disabled()`` and under
-    torch.func transforms (vmap, grad, jacrev: per-sample gradients), which old-style autograd Functions do not
-    support; the plain formulas serve there."""
+    """Whether the wrappers route through the fast paths: True by default, False inside ``disabled()``, under
+    torch.func transforms (vmap, grad, jacrev: per-sample gradients) and inside forward-mode AD's dual levels, which
+    the fast paths' autograd Functions (backward only, old style) do not support; the plain formulas serve there."""
     if not _ENABLED.get():
         return False
-    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None
+    if torch.compiler.is_compiling():
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is None and forward_ad._current_level < 0
 
 
 @contextmanager

@@ -75,7 +75,8 @@ def _column_sums_cpu(dy: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | Non
 
     ``native_batch_norm_backward`` on (N, C) returns ``sum(dy * (y - mean) * rstd)`` and ``sum(dy)`` per channel,
     accumulated in float32 for bf16/fp16, from one fused loop; the plain formula's three ops write and re-read an
-    activation-sized product (vit_small@112, b32: 7% of an SSF step at 2 threads, 2.5x the fused loop's time).
+    activation-sized product (vit_small@112, b32: leaving them out saved 7% of the floor's step at 2 threads, the
+    one pass 3.4%; ``scripts/ablate_fast_paths.py``).
     """
     if y is None or dy.shape[0] == 0:
         return _column_sums_plain(dy, y)

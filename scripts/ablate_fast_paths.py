@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import timm
 import torch
 
 from deltatune.bench import cases
+from deltatune.bench.measure import paired_ratio, round_robin
 from deltatune.kernels import lora as fast_lora
 from deltatune.kernels import ssf as fast_ssf
 from deltatune.kernels._common import rows
@@ -43,26 +44,16 @@ def _input_grad_only(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, .
     return dx, None, None, torch.zeros_like(lora_a), torch.zeros_like(lora_b), None, None
 
 
-@contextlib.contextmanager
-def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    old = obj.__dict__[name]
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
 VARIANTS: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]] = {
     "floor": ("floor", contextlib.nullcontext),
     "ssf": ("ssf", contextlib.nullcontext),
-    "ssf without column sums": ("ssf", lambda: _patched(fast_ssf, "column_sums", _no_sums)),
+    "ssf without column sums": ("ssf", lambda: mock.patch.object(fast_ssf, "column_sums", _no_sums)),
     "lora": ("lora", contextlib.nullcontext),
     "lora without low-rank grads": (
         "lora",
-        lambda: _patched(fast_lora.LoRALinearFn, "backward", staticmethod(_input_grad_only)),
+        lambda: mock.patch.object(fast_lora.LoRALinearFn, "backward", staticmethod(_input_grad_only)),
     ),
-    "lora without merged weight": ("lora", lambda: _patched(fast_lora, "lora_weight", lambda w, *_: w)),
+    "lora without merged weight": ("lora", lambda: mock.patch.object(fast_lora, "lora_weight", lambda w, *_: w)),
 }
 
 
@@ -84,16 +75,16 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g)
     target = torch.randint(0, 100, (args.batch,), generator=g)
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for i in range(args.warmup + args.rounds):
-        for name, (case, patch) in VARIANTS.items():
+
+    def step(case: str, patch: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], None]:
+        def run() -> None:
             with patch():
-                start = time.perf_counter()
                 cases.train_step(built[case], x, target, None)
-                elapsed = time.perf_counter() - start
-            if i >= args.warmup:
-                times[name].append(elapsed)
-    floor = times["floor"]
+
+        return run
+
+    steps = {name: step(case, patch) for name, (case, patch) in VARIANTS.items()}
+    times = round_robin(steps, args.warmup, args.rounds, torch.device("cpu"))
     lines = [
         f"{args.model}, {args.img_size} px, batch {args.batch}, fp32, {torch.get_num_threads()} threads, wall clock, "
         f"{args.rounds} rounds after {args.warmup}",
@@ -102,8 +93,7 @@ def main() -> None:
         "| --- | --- | --- |",
     ]
     for name, t in times.items():
-        paired = statistics.median(a / b for a, b in zip(t, floor))
-        lines.append(f"| {name} | {1e3 * statistics.median(t):.1f} | {paired:.3f} |")
+        lines.append(f"| {name} | {statistics.median(t):.1f} | {paired_ratio(t, times['floor']):.3f} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -218,12 +218,20 @@ def test_lora_recomputing_its_input_matches_and_keeps_less(kind: str) -> None:
 
 
 def test_input_recipes() -> None:
+    """Each recipe gives its producer's output again: every LayerNorm affine variant (weight and bias, one of them,
+    none) and GELU, also for rows far from zero (a large common offset), where ``x rstd - mean rstd`` would cancel."""
     x = torch.randn(3, 8, requires_grad=True)
-    ln, gelu = nn.LayerNorm(8), nn.GELU(approximate="tanh")
-    for y in (ln(x), gelu(x), F.layer_norm(x, (8,))):
+    far = (torch.randn(3, 8) + 1000.0).requires_grad_()
+    affine = [nn.LayerNorm(8), nn.LayerNorm(8, bias=False)]
+    for ln in affine:
+        nn.init.normal_(ln.weight)
+    outputs = [F.layer_norm(x, (8,), bias=torch.randn(8)), F.layer_norm(x, (8,)), nn.GELU(approximate="tanh")(x)]
+    for y in [*(ln(v) for ln in affine for v in (x, far)), *outputs, F.layer_norm(far, (8,)), F.gelu(x)]:
         kind, arg, saved = fast_lora.input_recipe(y)
-        assert torch.allclose(fast_lora.recompute(kind, arg, tuple(saved)), y, atol=1e-6)
-    assert fast_lora.input_recipe(x) is None and fast_lora.input_recipe(ln(x)[1:]) is None
+        for grad in (False, True):  # a backward's (in place) and a double backward's (differentiable)
+            with torch.set_grad_enabled(grad):
+                assert torch.allclose(fast_lora.recompute(kind, arg, tuple(saved)), y, atol=1e-6, rtol=0)
+    assert fast_lora.input_recipe(x) is None and fast_lora.input_recipe(affine[0](x)[1:]) is None
 
 
 @pytest.mark.parametrize("method", ["ssf", "lora-all", "adapter"])

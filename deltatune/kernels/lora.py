@@ -118,28 +118,47 @@ class LoRALinearFn(torch.autograd.Function):
         *kept, weight, lora_a, lora_b = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         chunks, s = ctx.chunks, ctx.scaling
-        _, c, r = lora_b.shape
         dy2 = rows(dy)  # (N, out)
-        parts = [dy2[:, k * c : (k + 1) * c] for k in chunks]  # (N, C) each, strided views
-        dx = dbias = da = db = None
-        if need_x:  # contiguous: the producer's backward reads it at full speed
-            # W + (-s)(-B) A: bit for bit the forward's weight, but not the same graph, which torch.compile would
-            # merge with the forward's and keep (a weight-sized copy a layer) instead of rebuilding it here
-            w = lora_weight(weight, lora_a, -lora_b, chunks, -s).to(dy.dtype)  # (out, in)
-            dx = dy2.mm(w).view(*dy.shape[:-1], w.shape[1])
-        if need_bias:
-            dbias = dy2.sum(0)
+        dx = dbias = da = db = spare = None
         if need_a or need_b:
             x = kept[0] if ctx.recipe is None else recompute(*ctx.recipe, tuple(kept))
             x2, s = _for_products(rows(x).to(dy.dtype), s)  # (N, in)
-        if need_a:  # dA's and dB's products put the small dim in the output's rows: several times faster on CPU
-            dhs = [part.mm(b.to(dy.dtype)) for b, part in zip(lora_b, parts)]  # (N, r) each: 10-25% faster so
-            dh = dhs[0] if len(dhs) == 1 else torch.cat(dhs, 1)  # (N, P*r)
-            da = dh.t().mm(x2).mul_(s)  # (P*r, in)
-        if need_b:
-            h = x2.mm(lora_a.to(dy.dtype).t()).t()  # (P*r, N)
-            db = torch.stack([h[i * r : (i + 1) * r].mm(part).t() for i, part in enumerate(parts)]).mul_(s)
+            da, db = _low_rank_grads(dy2, x2, lora_a, lora_b, chunks, s, need_a, need_b)
+            if ctx.recipe is not None and x2.is_contiguous() and not torch.is_grad_enabled():
+                spare = x2  # recomputed here, used up: dx (same shape) is written into it, one allocation fewer
+        if need_x:  # contiguous: the producer's backward reads it at full speed
+            # W + (-s)(-B) A: bit for bit the forward's weight, but not the same graph, which torch.compile would
+            # merge with the forward's and keep (a weight-sized copy a layer) instead of rebuilding it here
+            w = lora_weight(weight, lora_a, -lora_b, chunks, -ctx.scaling).to(dy.dtype)  # (out, in)
+            dx = torch.mm(dy2, w) if spare is None else torch.mm(dy2, w, out=spare)
+            dx = dx.view(*dy.shape[:-1], w.shape[1])
+        if need_bias:
+            dbias = dy2.sum(0)
         return dx, None, dbias, da, db, None, None
+
+
+def _low_rank_grads(
+    dy2: Tensor,
+    x2: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    chunks: tuple[int, ...],
+    s: float,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``dA = s (dy B)^T x`` and ``dB = s dy^T (x A^T)`` per output chunk, from (N, out) dy and (N, in) x."""
+    _, c, r = lora_b.shape
+    parts = [dy2[:, k * c : (k + 1) * c] for k in chunks]  # (N, C) each, strided views
+    da = db = None
+    if need_a:  # dA's and dB's products put the small dim in the output's rows: several times faster on CPU
+        dhs = [part.mm(b.to(dy2.dtype)) for b, part in zip(lora_b, parts)]  # (N, r) each: 10-25% faster so
+        dh = dhs[0] if len(dhs) == 1 else torch.cat(dhs, 1)  # (N, P*r)
+        da = dh.t().mm(x2).mul_(s)  # (P*r, in)
+    if need_b:
+        h = x2.mm(lora_a.to(dy2.dtype).t()).t()  # (P*r, N)
+        db = torch.stack([h[i * r : (i + 1) * r].mm(part).t() for i, part in enumerate(parts)]).mul_(s)
+    return da, db
 
 
 def lora(

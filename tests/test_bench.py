@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deltatune.bench import cases
@@ -17,7 +18,7 @@ FIELDS = {
     "step_x_floor_paired",
     "memory_bytes", "memory_x_floor", "infer_ms", "merged_infer_ms", "infer_x_plain", "merged_x_plain",
     "infer_ms_all", "merged_infer_ms_all", "step_x_floor_best", "merged_x_plain_best", "flops_x_plain",
-    "infer_x_plain_flops",
+    "infer_x_plain_flops", "step_x_floor_iqr",
 }  # fmt: skip
 
 
@@ -25,7 +26,8 @@ FIELDS = {
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
     argv = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch", "2", "--steps", "2"]
-    argv += ["--warmup", "0", "--methods", "bitfit,ssf,ssf-plain,lora,lora-plain,lora-keep,adapter,mimi,peft-lora"]
+    methods = "floor-twin,bitfit,ssf,ssf-plain,lora,lora-plain,lora-keep,adapter,mimi,peft-lora"
+    argv += ["--warmup", "0", "--methods", methods]
     argv += ["--json", str(out / "r.json"), "--md", str(out / "r.md")]
     assert bench.main(argv) == 0
     return json.loads((out / "r.json").read_text()), out
@@ -53,6 +55,7 @@ def test_numbers_are_self_consistent(report: tuple[dict, Path]) -> None:
         assert math.isclose(r["step_x_floor"], r["step_ms"] / floor["step_ms"])
         paired = [t / f for t, f in zip(r["step_ms_all"], floor["step_ms_all"])]
         assert math.isclose(r["step_x_floor_paired"], (paired[0] + paired[1]) / 2)
+        assert r["step_x_floor_iqr"] == pytest.approx(np.percentile(paired, [25, 75]))  # linear interpolation
         assert math.isclose(r["step_x_floor_best"], min(r["step_ms_all"]) / min(floor["step_ms_all"]))
         assert math.isclose(r["images_per_s"], 2 * 1000 / r["step_ms"])
         assert math.isclose(r["memory_x_floor"], r["memory_bytes"] / floor["memory_bytes"])
@@ -64,6 +67,8 @@ def test_numbers_are_self_consistent(report: tuple[dict, Path]) -> None:
             ratios = [t / p for t, p in zip(r["merged_infer_ms_all"], plain)]
             assert math.isclose(r["merged_x_plain"], (ratios[0] + ratios[1]) / 2)
             assert math.isclose(r["merged_x_plain_best"], min(r["merged_infer_ms_all"]) / min(plain))
+    twin = rows["floor-twin"]  # the same configuration as the floor: only noise tells them apart
+    assert twin["trainable"] == 0 and twin["memory_bytes"] == floor["memory_bytes"] and twin["merged_x_plain"] == 1
     assert floor["trainable"] == 0 and full["trainable"] > rows["lora"]["trainable"] > rows["ssf"]["trainable"]
     assert rows["ssf"]["memory_bytes"] < rows["ssf-plain"]["memory_bytes"]  # the folded SSF keeps less
     assert rows["lora"]["memory_bytes"] < rows["lora-plain"]["memory_bytes"]  # x from its LayerNorm/GELU

@@ -23,8 +23,10 @@ from deltatune.methods.pruning import prune_adapters
 from deltatune.targeting import find_head, is_delta
 
 METHODS = (
-    "floor", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-keep", "adapter", "mimi"
+    "floor", "floor-twin", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-keep",
+    "adapter", "mimi",
 )  # fmt: skip
+# floor-twin: a second, identical floor stepped as its own row; its ratio to the floor is the run's noise
 PEFT_METHODS = ("peft-lora", "peft-ia3")
 OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {  # row -> (deltatune method, options)
     "full": ("full", {}),
@@ -85,7 +87,7 @@ def build_case(
     """The configuration ``name`` on a fresh backbone (None: peft missing or not applicable)."""
     model = make()
     merge: Callable[[nn.Module], nn.Module] | None = None
-    if name == "floor":
+    if name in ("floor", "floor-twin"):
         model.requires_grad_(False)
     elif name in PEFT_METHODS:
         model = _peft_model(model, name)
@@ -104,7 +106,7 @@ def build_case(
     compiled = PARTITIONERS[partitioner](model) if compile_model else model
     trainable = sum(p.numel() for p in params)
     recompute = False if name.endswith("-keep") else None  # keep LoRA's inputs: the trade-off row
-    plain, floor = name.endswith("-plain"), name == "floor"
+    plain, floor = name.endswith("-plain"), name in ("floor", "floor-twin")
     return Case(name, model, compiled, optimizer, trainable, plain, floor, recompute, merge)
 
 

@@ -13,6 +13,8 @@ keeps LoRA's inputs for backward instead of recomputing them from their LayerNor
 ``deltatune.kernels.lora``): the other side of that trade-off, time against saved bytes. With ``--compile`` every
 configuration compiles as ``--partitioner`` says (default ``lean``: ``deltatune.compile``; ``torch``:
 ``torch.compile``), the floor included.
+``floor-twin`` is a second floor stepped as its own row: its ratio to the floor is the run's timing noise, and
+'paired IQR' (the quartiles of the same-round ratios) shows how far a row's rounds stray.
 ``mimi`` is MiMi's end state (sigma-4 adapters pruned globally by its score to 1/8 of their neurons, untrained).
 Unmerged inference is also reported over the plain model plus the deltas' own FLOPs (``count_gflops``): the
 allowance adapters and MiMi are judged by. ``--multitask 1,4,16`` times mixed-task batches instead
@@ -49,7 +51,7 @@ from deltatune.bench.cases import (
     measure_memory,
     train_step,
 )
-from deltatune.bench.measure import paired_ratio, round_robin
+from deltatune.bench.measure import paired_quartiles, paired_ratio, round_robin
 from deltatune.train.report import count_gflops
 
 
@@ -127,6 +129,7 @@ def _results(cases: dict[str, Case], infer: dict[str, list[float]], batch: int) 
         r["images_per_s"] = 1e3 * batch / r["step_ms"]
         r["step_x_full"], r["step_x_floor"] = r["step_ms"] / t_full, r["step_ms"] / t_floor
         r["step_x_floor_paired"] = paired_ratio(r["step_ms_all"], floor["step_ms_all"])
+        r["step_x_floor_iqr"] = list(paired_quartiles(r["step_ms_all"], floor["step_ms_all"]))
         r["step_x_floor_best"] = min(r["step_ms_all"]) / min(floor["step_ms_all"])
         r["memory_x_floor"] = r["memory_bytes"] / floor["memory_bytes"]
         plain = infer["plain"]
@@ -149,6 +152,7 @@ COLUMNS: list[tuple[str, str, str]] = [  # (header, result key, format)
     ("x full", "step_x_full", "{:.2f}"),
     ("x floor", "step_x_floor", "{:.2f}"),
     ("x floor, paired", "step_x_floor_paired", "{:.2f}"),
+    ("paired IQR", "step_x_floor_iqr", "{0[0]:.2f}-{0[1]:.2f}"),
     ("x floor, best", "step_x_floor_best", "{:.2f}"),
     ("img/s", "images_per_s", "{:.1f}"),
     ("MiB", "memory_mib", "{:.1f}"),

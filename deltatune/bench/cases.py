@@ -26,7 +26,7 @@ METHODS = (
     "floor", "floor-twin", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-keep",
     "adapter", "mimi",
 )  # fmt: skip
-# floor-twin: a second, identical floor stepped as its own row; its ratio to the floor is the run's noise
+FLOORS = ("floor", "floor-twin")  # the twin: a second, identical floor as its own row; its ratio is the run's noise
 PEFT_METHODS = ("peft-lora", "peft-ia3")
 OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {  # row -> (deltatune method, options)
     "full": ("full", {}),
@@ -87,7 +87,7 @@ def build_case(
     """The configuration ``name`` on a fresh backbone (None: peft missing or not applicable)."""
     model = make()
     merge: Callable[[nn.Module], nn.Module] | None = None
-    if name in ("floor", "floor-twin"):
+    if name in FLOORS:
         model.requires_grad_(False)
     elif name in PEFT_METHODS:
         model = _peft_model(model, name)
@@ -106,7 +106,7 @@ def build_case(
     compiled = PARTITIONERS[partitioner](model) if compile_model else model
     trainable = sum(p.numel() for p in params)
     recompute = False if name.endswith("-keep") else None  # keep LoRA's inputs: the trade-off row
-    plain, floor = name.endswith("-plain"), name in ("floor", "floor-twin")
+    plain, floor = name.endswith("-plain"), name in FLOORS
     return Case(name, model, compiled, optimizer, trainable, plain, floor, recompute, merge)
 
 

@@ -152,7 +152,7 @@ def _low_rank_grads(
     parts = [dy2[:, k * c : (k + 1) * c] for k in chunks]  # (N, C) each, strided views
     da = db = None
     if need_a:  # dA's and dB's products put the small dim in the output's rows: several times faster on CPU
-        dhs = [part.mm(b.to(dy2.dtype)) for b, part in zip(lora_b, parts)]  # (N, r) each: 10-25% faster so
+        dhs = [part.mm(b.to(dy2.dtype)) for b, part in zip(lora_b, parts)]  # (N, r): 10-25% faster than (B^T dy^T)^T
         dh = dhs[0] if len(dhs) == 1 else torch.cat(dhs, 1)  # (N, P*r)
         da = dh.t().mm(x2).mul_(s)  # (P*r, in)
     if need_b:

@@ -39,8 +39,8 @@ def _input_grad_only(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, .
     *_, weight, lora_a, lora_b = ctx.saved_tensors
     dx = None
     if weight is not None:
-        w = fast_lora.lora_weight(weight, lora_a, -lora_b, ctx.chunks, -ctx.scaling)
-        dx = rows(dy).mm(w).view(*dy.shape[:-1], w.shape[1])
+        dx = fast_lora.input_grad(rows(dy), weight, lora_a, lora_b, ctx.chunks, ctx.scaling)
+        dx = dx.view(*dy.shape[:-1], weight.shape[1])
     return dx, None, None, torch.zeros_like(lora_a), torch.zeros_like(lora_b), None, None
 
 

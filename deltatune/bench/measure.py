@@ -118,15 +118,19 @@ def cuda_peak(step: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def _same_round_ratios(times: list[float], reference: list[float]) -> list[float]:
+    return [t / ref for t, ref in zip(times, reference, strict=True)]
+
+
 def paired_ratio(times: list[float], reference: list[float]) -> float:
     """Median over rounds of time / reference time in the same round: less swayed by drift across rounds."""
-    return statistics.median(t / ref for t, ref in zip(times, reference, strict=True))
+    return statistics.median(_same_round_ratios(times, reference))
 
 
 def paired_quartiles(times: list[float], reference: list[float]) -> tuple[float, float]:
     """First and third quartiles of the same-round ratios (linear interpolation): how far a round's ratio strays,
     so a reader sees whether a target lies inside the run's noise."""
-    ratios = [t / ref for t, ref in zip(times, reference, strict=True)]
+    ratios = _same_round_ratios(times, reference)
     if len(ratios) < 2:
         return ratios[0], ratios[0]
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")

@@ -126,15 +126,29 @@ class LoRALinearFn(torch.autograd.Function):
             da, db = _low_rank_grads(dy2, x2, lora_a, lora_b, chunks, s, need_a, need_b)
             if ctx.recipe is not None and x2.is_contiguous() and not torch.is_grad_enabled():
                 spare = x2  # recomputed here, used up: dx (same shape) is written into it, one allocation fewer
-        if need_x:  # contiguous: the producer's backward reads it at full speed
-            # W + (-s)(-B) A: bit for bit the forward's weight, but not the same graph, which torch.compile would
-            # merge with the forward's and keep (a weight-sized copy a layer) instead of rebuilding it here
-            w = lora_weight(weight, lora_a, -lora_b, chunks, -ctx.scaling).to(dy.dtype)  # (out, in)
-            dx = torch.mm(dy2, w) if spare is None else torch.mm(dy2, w, out=spare)
-            dx = dx.view(*dy.shape[:-1], w.shape[1])
+        if need_x:
+            dx = input_grad(dy2, weight, lora_a, lora_b, chunks, ctx.scaling, spare)
+            dx = dx.view(*dy.shape[:-1], weight.shape[1])
         if need_bias:
             dbias = dy2.sum(0)
         return dx, None, dbias, da, db, None, None
+
+
+def input_grad(
+    dy2: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    chunks: tuple[int, ...],
+    scaling: float,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``dx = dy (W + s B A)`` for (N, out) dy, contiguous (the producer's backward reads it at full speed), written
+    into ``out`` when given."""
+    # W + (-s)(-B) A: bit for bit the forward's weight, but not the same graph, which torch.compile would merge with
+    # the forward's and keep (a weight-sized copy a layer) instead of rebuilding it here
+    w = lora_weight(weight, lora_a, -lora_b, chunks, -scaling).to(dy2.dtype)  # (out, in)
+    return torch.mm(dy2, w) if out is None else torch.mm(dy2, w, out=out)
 
 
 def _low_rank_grads(

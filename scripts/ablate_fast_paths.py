@@ -7,6 +7,10 @@ Rows: the floor; SSF as shipped and without its per-channel column sums (``kerne
 zeros); LoRA as shipped, without its low-rank gradients (the rank-r products and the input recompute: dA, dB set to
 zeros) and without the merged weight (W used as it is, forward and backward). A piece's cost is its row's ratio
 minus the shipped row's. The left-out variants train nothing useful: they exist to time, never to run.
+
+``--pieces`` adds a second table: LoRA as shipped (right gradients), with its pieces timed inside the step by
+wrapping ``kernels.lora``'s functions with a clock (CPU ops are synchronous, so a call's wall time is its cost),
+each piece's ms per step beside the floor's step in the same rounds.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-from collections.abc import Callable
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -57,6 +63,64 @@ VARIANTS: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]]
 }
 
 
+PIECES = {  # kernels.lora function (the recompute also by kind, the merged weight also in backward) -> what it is
+    "lora_weight": "merged weight W + s B A, forward",
+    "lora_weight (backward)": "merged weight rebuilt in backward (part of input_grad's time)",
+    "_from_recipe": "dA, dB by the compiled kernel, x recomputed inside it from its LayerNorm (qkv, fc1)",
+    "recompute (gelu)": "fc2's input recomputed from the GELU's kept input",
+    "recompute (layer_norm)": "qkv's and fc1's input recomputed from the LayerNorm's kept tensors (kernel off)",
+    "_low_rank_grads": "dA, dB from x (proj; fc2 after its recompute): compiled kernel, else four matmuls",
+    "input_grad": "dx = dy (W + s B A), merged weight rebuilt",
+}
+
+
+@contextlib.contextmanager
+def timed_pieces(totals: dict[str, float]) -> Iterator[None]:
+    """Adds the wall ms of each of ``kernels.lora``'s pieces to ``totals``, keyed as ``PIECES``."""
+
+    inside: list[str] = []  # the pieces running now: lora_weight inside input_grad is the backward's rebuild
+
+    def clock(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            key = f"{name} ({args[0]})" if name == "recompute" else name
+            key = f"{name} (backward)" if name == "lora_weight" and "input_grad" in inside else key
+            inside.append(name)
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                totals[key] += 1e3 * (time.perf_counter() - start)
+                inside.pop()
+
+        return run
+
+    with contextlib.ExitStack() as stack:
+        for name in ("lora_weight", "recompute", "_from_recipe", "_low_rank_grads", "input_grad"):
+            stack.enter_context(mock.patch.object(fast_lora, name, clock(name, getattr(fast_lora, name))))
+        yield
+
+
+def pieces_table(built: dict[str, cases.Case], x: torch.Tensor, target: torch.Tensor, args: Any) -> str:
+    """LoRA's pieces in ms per step (timed inside the shipped step) beside the floor's and LoRA's step times."""
+    totals: dict[str, float] = defaultdict(float)
+
+    def lora() -> None:
+        with timed_pieces(totals):
+            cases.train_step(built["lora"], x, target, None)
+
+    steps = {"floor": lambda: cases.train_step(built["floor"], x, target, None), "lora": lora}
+    times = round_robin(steps, args.warmup, args.rounds, torch.device("cpu"))
+    floor = statistics.median(times["floor"])
+    calls = args.warmup + args.rounds  # totals include the warm-up rounds: per step, every round alike
+    lines = ["| piece (LoRA, all linears) | ms per step | x floor step |", "| --- | --- | --- |"]
+    for name in ("floor step", "lora step"):
+        ms = statistics.median(times[name.split()[0]])
+        lines.append(f"| {name} (median) | {ms:.1f} | {ms / floor:.3f} |")
+    for key, total in sorted(totals.items()):
+        lines.append(f"| `{key}`: {PIECES[key]} | {total / calls:.1f} | {total / calls / floor:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit_small_patch16_224")
@@ -65,6 +129,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write the table as Markdown here")
+    parser.add_argument("--pieces", action="store_true", help="also time LoRA's pieces inside its shipped step")
     args = parser.parse_args()
 
     def make() -> torch.nn.Module:
@@ -95,9 +160,13 @@ def main() -> None:
     for name, t in times.items():
         lines.append(f"| {name} | {statistics.median(t):.1f} | {paired_ratio(t, times['floor']):.3f} |")
     text = "\n".join(lines)
+    if args.pieces:
+        text += "\n\nLoRA's pieces inside its shipped step (right gradients), floor and LoRA stepped round-robin:\n\n"
+        text += pieces_table(built, x, target, args)
     print(text)
     if args.out:
-        args.out.write_text(f"```\npython scripts/ablate_fast_paths.py --rounds {args.rounds}\n```\n\n{text}\n")
+        flags = f"--rounds {args.rounds}" + (" --pieces" if args.pieces else "")
+        args.out.write_text(f"```\npython scripts/ablate_fast_paths.py {flags}\n```\n\n{text}\n")
 
 
 if __name__ == "__main__":

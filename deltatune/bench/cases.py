@@ -19,12 +19,13 @@ from torch import Tensor, nn
 import deltatune
 from deltatune import kernels
 from deltatune.bench.measure import count_saved, cuda_peak, resident_bytes
+from deltatune.kernels.native import native_kernels
 from deltatune.methods.pruning import prune_adapters
 from deltatune.targeting import find_head, is_delta
 
 METHODS = (
     "floor", "floor-twin", "full", "linear", "bitfit", "ssf", "ssf-plain", "lora", "lora-plain", "lora-keep",
-    "adapter", "mimi",
+    "lora-ops", "adapter", "mimi",
 )  # fmt: skip
 FLOORS = ("floor", "floor-twin")  # the twin: a second, identical floor as its own row; its ratio is the run's noise
 PEFT_METHODS = ("peft-lora", "peft-ia3")
@@ -58,6 +59,7 @@ class Case:
     floor: bool = False
     recompute: bool | None = None
     merge: Callable[[nn.Module], nn.Module] | None = None
+    native: bool = True
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,7 +97,7 @@ def build_case(
             return None
         merge = lambda m: m.merge_and_unload()  # noqa: E731
     else:
-        method, options = OPTIONS[name.removesuffix("-plain").removesuffix("-keep")]
+        method, options = OPTIONS[name.removesuffix("-plain").removesuffix("-keep").removesuffix("-ops")]
         deltatune.apply(model, method, **options)
         if method == "mimi":
             prune_as_mimi(model)
@@ -107,7 +109,8 @@ def build_case(
     trainable = sum(p.numel() for p in params)
     recompute = False if name.endswith("-keep") else None  # keep LoRA's inputs: the trade-off row
     plain, floor = name.endswith("-plain"), name in FLOORS
-    return Case(name, model, compiled, optimizer, trainable, plain, floor, recompute, merge)
+    native = not name.endswith("-ops")  # lora-ops: the rank-r products as PyTorch matmuls, not the compiled kernel
+    return Case(name, model, compiled, optimizer, trainable, plain, floor, recompute, merge, native)
 
 
 def prune_as_mimi(model: nn.Module) -> None:
@@ -124,9 +127,10 @@ def logits(out: Any) -> Tensor:
 
 @contextlib.contextmanager
 def mode(case: Case, amp: torch.dtype | None, device: torch.device) -> Iterator[None]:
-    """The row's switches while it runs: LoRA's input recompute, plain formulas, bf16 autocast."""
+    """The row's switches while it runs: LoRA's input recompute and compiled kernel, plain formulas, bf16 autocast."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(kernels.recompute_inputs(case.recompute))
+        stack.enter_context(native_kernels(case.native))
         if case.plain:
             stack.enter_context(kernels.disabled())
         if amp is not None:

@@ -10,9 +10,10 @@ the configuration's resident weights and optimizer state; on CPU the activation 
 (``deltatune.bench.measure``), which is what the peak on a GPU mostly is. ``*-plain`` rows run the wrappers' plain
 formulas (``deltatune.kernels.disabled``): the obvious implementation the fast paths replace. ``lora-keep``
 keeps LoRA's inputs for backward instead of recomputing them from their LayerNorm/GELU producers (the default,
-``deltatune.kernels.lora``): the other side of that trade-off, time against saved bytes. With ``--compile`` every
-configuration compiles as ``--partitioner`` says (default ``lean``: ``deltatune.compile``; ``torch``:
-``torch.compile``), the floor included.
+``deltatune.kernels.lora``): the other side of that trade-off, time against saved bytes. ``lora-ops`` runs LoRA's
+rank-r gradient products as PyTorch matmuls instead of the compiled CPU kernel (``deltatune.kernels.native``).
+With ``--compile`` every configuration compiles as ``--partitioner`` says (default ``lean``: ``deltatune.compile``;
+``torch``: ``torch.compile``), the floor included.
 ``floor-twin`` is a second floor stepped as its own row: its ratio to the floor is the run's timing noise, and
 'paired IQR' (the quartiles of the same-round ratios) shows how far a row's rounds stray.
 ``mimi`` is MiMi's end state (sigma-4 adapters pruned globally by its score to 1/8 of their neurons, untrained).
@@ -42,6 +43,7 @@ import deltatune
 from deltatune import kernels
 from deltatune.bench import _report, multitask
 from deltatune.bench.cases import (
+    FLOORS,
     METHODS,
     NUM_CLASSES,
     PARTITIONERS,
@@ -108,6 +110,8 @@ def _inference_times(
     xi = xi[: args.infer_batch]
     fns = {"plain": _inference(cases["floor"].model.eval(), xi, amp, False)}
     for case in cases.values():
+        if case.name in FLOORS[1:]:  # the floor's twin: a second plain model timed as its own row, the noise
+            fns[case.name] = _inference(case.model.eval(), xi, amp, False)
         if case.merge is None:  # the plain architecture (floor, full, linear, BitFit): timed as "plain"
             continue
         fns[case.name] = _inference(case.model.eval(), xi, amp, case.plain)

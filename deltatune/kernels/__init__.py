@@ -1,8 +1,10 @@
 """Fused fast paths for delta wrappers on frozen layers: one file per method (``ssf.py``, ``lora.py``,
 ``adapter.py``), shared helpers and the per-thread switches in ``_common.py``; ``compile.py``: torch.compile with
-a partitioner that recomputes what the frozen backbone keeps anyway."""
+a partitioner that recomputes what the frozen backbone keeps anyway; ``native.py``: LoRA's rank-r gradients as one
+compiled CPU kernel (``lowrank.c``), built on first use."""
 
 from deltatune.kernels._common import disabled, is_enabled, recompute_inputs
 from deltatune.kernels.compile import compile
+from deltatune.kernels.native import native_kernels
 
-__all__ = ["compile", "disabled", "is_enabled", "recompute_inputs"]
+__all__ = ["compile", "disabled", "is_enabled", "native_kernels", "recompute_inputs"]

@@ -18,6 +18,11 @@ is a view of the attention output, kept anyway.
 Under torch.compile (no autograd graph to read while tracing) the backward reads x through a negation instead, so
 AOTAutograd's partitioner recomputes x from its producer's kept tensors too (``_for_products``): 0.99x the compiled
 floor's saved bytes on vit_small@112, with torch's default partitioner settings (1.56x before).
+
+On CPU in float32, dA and dB come from one compiled kernel (``kernels.native``) that reads dy and x once, a row
+block at a time, instead of four skinny matmuls that each read a whole activation; after a LayerNorm it recomputes
+x block by block inside the kernel, so x is never written out whole (``_from_recipe``). Elsewhere, or without a C
+compiler, the matmuls serve.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltatune.kernels import native
 from deltatune.kernels._common import is_enabled, needs_grad, plain_linear, rows, saving_is_hooked, wants_recompute
 
 
@@ -120,7 +126,10 @@ class LoRALinearFn(torch.autograd.Function):
         chunks, s = ctx.chunks, ctx.scaling
         dy2 = rows(dy)  # (N, out)
         dx = dbias = da = db = spare = None
-        if need_a or need_b:
+        grads = _from_recipe(dy2, ctx.recipe, kept, lora_a, lora_b, chunks, s) if need_a and need_b else None
+        if grads is not None:
+            da, db = grads
+        elif need_a or need_b:
             x = kept[0] if ctx.recipe is None else recompute(*ctx.recipe, tuple(kept))
             x2, s = _for_products(rows(x).to(dy.dtype), s)  # (N, in)
             da, db = _low_rank_grads(dy2, x2, lora_a, lora_b, chunks, s, need_a, need_b)
@@ -151,6 +160,24 @@ def input_grad(
     return torch.mm(dy2, w) if out is None else torch.mm(dy2, w, out=out)
 
 
+def _from_recipe(
+    dy2: Tensor,
+    recipe: tuple[str, Any] | None,
+    kept: list[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    chunks: tuple[int, ...],
+    s: float,
+) -> tuple[Tensor, Tensor] | None:
+    """dA and dB by the compiled kernel with x recomputed inside it, a row block at a time, from what its producer
+    keeps (one LoRA chunk): x is never written out whole. None where the kernel does not serve."""
+    if recipe is None or len(chunks) != 1:
+        return None
+    c = lora_b.shape[1]
+    part = dy2[:, chunks[0] * c : (chunks[0] + 1) * c]
+    return native.lowrank_grads(part, None, lora_a, lora_b, s, (*recipe, tuple(kept)))
+
+
 def _low_rank_grads(
     dy2: Tensor,
     x2: Tensor,
@@ -161,9 +188,14 @@ def _low_rank_grads(
     need_a: bool,
     need_b: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """``dA = s (dy B)^T x`` and ``dB = s dy^T (x A^T)`` per output chunk, from (N, out) dy and (N, in) x."""
+    """``dA = s (dy B)^T x`` and ``dB = s dy^T (x A^T)`` per output chunk, from (N, out) dy and (N, in) x: one pass of
+    the compiled kernel where it applies (``kernels.native``), else four skinny matmuls."""
     _, c, r = lora_b.shape
     parts = [dy2[:, k * c : (k + 1) * c] for k in chunks]  # (N, C) each, strided views
+    if need_a and need_b and len(parts) == 1:  # the compiled kernel: one pass over dy and x (CPU, float32)
+        fused = native.lowrank_grads(parts[0], x2, lora_a, lora_b, s)
+        if fused is not None:
+            return fused
     da = db = None
     if need_a:  # dA's and dB's products put the small dim in the output's rows: several times faster on CPU
         dhs = [part.mm(b.to(dy2.dtype)) for b, part in zip(lora_b, parts)]  # (N, r): 10-25% faster than (B^T dy^T)^T

@@ -10,7 +10,8 @@ minus the shipped row's. The left-out variants train nothing useful: they exist 
 
 ``--pieces`` adds a second table: LoRA as shipped (right gradients), with its pieces timed inside the step by
 wrapping ``kernels.lora``'s functions with a clock (CPU ops are synchronous, so a call's wall time is its cost),
-each piece's ms per step beside the floor's step in the same rounds.
+each piece's ms per step beside the floor's step in the same rounds; once with the compiled kernel for the rank-r
+products (``kernels.native``, the default) and once with PyTorch matmuls.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from deltatune.bench.measure import paired_ratio, round_robin
 from deltatune.kernels import lora as fast_lora
 from deltatune.kernels import ssf as fast_ssf
 from deltatune.kernels._common import rows
+from deltatune.kernels.native import native_kernels
 
 
 def _no_sums(dy: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -101,23 +103,31 @@ def timed_pieces(totals: dict[str, float]) -> Iterator[None]:
 
 
 def pieces_table(built: dict[str, cases.Case], x: torch.Tensor, target: torch.Tensor, args: Any) -> str:
-    """LoRA's pieces in ms per step (timed inside the shipped step) beside the floor's and LoRA's step times."""
-    totals: dict[str, float] = defaultdict(float)
+    """LoRA's pieces in ms per step (timed inside the shipped step), with the compiled kernel and with the matmuls
+    (``native_kernels(False)``), beside the floor's and both LoRA step times, all stepped round-robin."""
+    totals: dict[str, dict[str, float]] = {"kernel": defaultdict(float), "matmuls": defaultdict(float)}
 
-    def lora() -> None:
-        with timed_pieces(totals):
-            cases.train_step(built["lora"], x, target, None)
+    def lora(kind: str) -> Callable[[], None]:
+        def run() -> None:
+            with native_kernels(kind == "kernel"), timed_pieces(totals[kind]):
+                cases.train_step(built["lora"], x, target, None)
 
-    steps = {"floor": lambda: cases.train_step(built["floor"], x, target, None), "lora": lora}
+        return run
+
+    steps = {"floor": lambda: cases.train_step(built["floor"], x, target, None), **{k: lora(k) for k in totals}}
     times = round_robin(steps, args.warmup, args.rounds, torch.device("cpu"))
     floor = statistics.median(times["floor"])
     calls = args.warmup + args.rounds  # totals include the warm-up rounds: per step, every round alike
-    lines = ["| piece (LoRA, all linears) | ms per step | x floor step |", "| --- | --- | --- |"]
-    for name in ("floor step", "lora step"):
-        ms = statistics.median(times[name.split()[0]])
-        lines.append(f"| {name} (median) | {ms:.1f} | {ms / floor:.3f} |")
-    for key, total in sorted(totals.items()):
-        lines.append(f"| `{key}`: {PIECES[key]} | {total / calls:.1f} | {total / calls / floor:.3f} |")
+    lines = [
+        "| piece (LoRA, all linears), ms per step | kernel | x floor | matmuls | x floor |",
+        "| --- | --- | --- | --- | --- |",
+        f"| floor step (median) | {floor:.1f} | 1.000 | {floor:.1f} | 1.000 |",
+    ]
+    cells = [f"{statistics.median(times[k]):.1f} | {paired_ratio(times[k], times['floor']):.3f}" for k in totals]
+    lines.append(f"| LoRA step (median; paired ratio) | {' | '.join(cells)} |")
+    for key in PIECES:
+        cells = [f"{totals[k][key] / calls:.1f} | {totals[k][key] / calls / floor:.3f}" for k in totals]
+        lines.append(f"| `{key}`: {PIECES[key]} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

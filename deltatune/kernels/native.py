@@ -159,7 +159,7 @@ def lowrank_grads(
     if lora_b.shape[0] != 1 or r not in RANKS or not _floats(dy, lora_a, lora_b):
         return None
     if torch.compiler.is_compiling():
-        ok = recipe is None and x is not None and _floats(x) and r in _LOADED
+        ok = _ENABLED.get() and recipe is None and x is not None and _floats(x) and r in _LOADED
         return tuple(torch.ops.deltatune.lowrank_grads(dy, x, lora_a, lora_b, scaling)) if ok else None
     if not _ENABLED.get() or torch.is_grad_enabled() or library(r) is None:
         return None

@@ -165,28 +165,12 @@ def test_the_kernel_builds_here() -> None:
     assert fast_lora.native is native
 
 
-def test_compiled_backward_calls_the_kernel_as_an_operator() -> None:
-    """Under deltatune.compile the backward graph calls ``deltatune::lowrank_grads`` for every LoRA layer (x as
-    the compiled graph recomputes it), and the gradients equal the eager ones."""
+def test_compiled_graphs_keep_the_matmuls() -> None:
+    """Under torch.compile the kernel stays out (as an operator it measured no faster than inductor's matmuls):
+    the compiled backward never calls it and its gradients equal the eager ones."""
     model, x, params = _tiny_lora()
     eager = _grads(model, x, params)
-    compiled = deltatune.compile(model)
-    calls = []
-    real = native._run
-
-    def spy(*args: object) -> object:
-        calls.append(1)
-        return real(*args)
-
-    with mock.patch.object(native, "_run", spy):
-        got = _grads(compiled, x, params)
-    assert len(calls) == 4 * len(model.blocks)
+    with mock.patch.object(native, "_run", side_effect=AssertionError("the kernel ran in a compiled graph")):
+        got = _grads(deltatune.compile(model), x, params)
     for g, e in zip(got, eager, strict=True):
         assert rel_err(g, e) < 2e-5
-
-
-def test_operator_registration() -> None:
-    """torch.library's own checks of the operator: schema, fake (meta) shapes and strides against the real ones."""
-    g = torch.Generator().manual_seed(0)
-    args = (torch.randn(33, 24, generator=g), torch.randn(33, 40, generator=g), torch.randn(8, 40, generator=g))
-    torch.library.opcheck(torch.ops.deltatune.lowrank_grads.default, (*args, torch.randn(1, 24, 8), 0.5))

@@ -35,9 +35,5 @@ def lean_backend(backend: str | Callable[..., Any] = "inductor") -> Callable[...
 
 def compile(model: nn.Module, backend: str | Callable[..., Any] = "inductor", **options: Any) -> nn.Module:
     """``torch.compile(model, **options)`` with the lean partitioner (see the module's docstring): the compiled
-    model deltatune's benchmarks measure. ``backend`` names a dynamo backend (inductor by default). LoRA's compiled
-    CPU kernel is loaded first, so that the traces can call it (``kernels.native.preload``)."""
-    from deltatune.kernels.native import preload
-
-    preload(model)
+    model deltatune's benchmarks measure. ``backend`` names a dynamo backend (inductor by default)."""
     return torch.compile(model, backend=lean_backend(backend), **options)

@@ -38,7 +38,6 @@ RANKS = (4, 8, 16)  # compiled per rank: the rank sizes the kernel's registers
 SOURCE = Path(__file__).with_name("lowrank.c")
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"))  # the second where -march=native fails
 FALLBACK = "LoRA's CPU backward runs its rank-r products as PyTorch matmuls (slower)"
-_LOADED: set[int] = set()  # ranks whose kernel is loaded: what torch.compile's traces may call (a lookup traces)
 _ENABLED: ContextVar[bool] = ContextVar("deltatune_native", default=os.environ.get("DELTATUNE_NATIVE", "1") != "0")
 
 
@@ -110,7 +109,6 @@ def library(rank: int) -> ctypes.CDLL | None:
         pointers = [ctypes.c_void_p] * 4
         fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_long] * 2 + pointers[:3] + [ctypes.c_int] * 2
         fn.argtypes += pointers
-        _LOADED.add(rank)
         return lib
     warnings.warn(f"deltatune: building {SOURCE.name} failed ({errors}): {FALLBACK}", stacklevel=2)
     return None
@@ -138,30 +136,18 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def preload(model: torch.nn.Module) -> None:
-    """Builds or loads the kernel for the ranks of ``model``'s LoRA layers on CPU: before torch.compile traces the
-    model (``deltatune.compile`` calls it), since a trace only calls a kernel that is already loaded."""
-    for module in model.modules():
-        lora_b = getattr(module, "lora_b", None)
-        if isinstance(lora_b, Tensor) and lora_b.device.type == "cpu" and lora_b.shape[-1] in RANKS:
-            library(lora_b.shape[-1])
-
-
 def lowrank_grads(
     dy: Tensor, x: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, recipe: tuple | None = None
 ) -> tuple[Tensor, Tensor] | None:
     """``(s (dy B)^T x, s dy^T (x A^T))`` shaped as ``lora_a`` (r, in) and ``lora_b`` (1, out, r), for (N, out) dy
     and (N, in) x, or x recomputed block by block from a LayerNorm ``recipe`` (``kernels.lora.input_recipe``; x
     None). None where the kernel does not apply (not CPU float32, several chunks, a rank it is not built for, a
-    backward that builds a graph: the kernel is not differentiable) or cannot be built. Under torch.compile it is
-    the operator ``deltatune::lowrank_grads`` (x as it is), where the kernel is loaded already (``preload``)."""
+    backward that builds a graph: the kernel is not differentiable; torch.compile's graphs, where calling it as an
+    operator measured no faster than inductor's matmuls) or cannot be built."""
     r = lora_b.shape[2]
-    if lora_b.shape[0] != 1 or r not in RANKS or not _floats(dy, lora_a, lora_b):
+    if not _ENABLED.get() or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    if torch.compiler.is_compiling():
-        ok = _ENABLED.get() and recipe is None and x is not None and _floats(x) and r in _LOADED
-        return tuple(torch.ops.deltatune.lowrank_grads(dy, x, lora_a, lora_b, scaling)) if ok else None
-    if not _ENABLED.get() or torch.is_grad_enabled() or library(r) is None:
+    if lora_b.shape[0] != 1 or r not in RANKS or not _floats(dy, lora_a, lora_b) or library(r) is None:
         return None
     n = dy.shape[0]
     src, extra = (x, [None] * 4) if recipe is None else (_layer_norm(recipe, n) or (None, None))
@@ -173,7 +159,8 @@ def lowrank_grads(
 def _run(
     dy: Tensor, src: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, kind: int, extra: list[Tensor | None]
 ) -> tuple[Tensor, Tensor] | None:
-    """The kernel's call on CPU float32 rows with unit column stride; None where its scratch could not be had."""
+    """The kernel's call on CPU float32 rows with unit column stride; None where its scratch could not be had (the
+    matmuls serve)."""
     (n, out), inn, r = dy.shape, src.shape[1], lora_b.shape[2]
     at, b = lora_a.detach().t().contiguous(), lora_b[0].detach().contiguous()  # (in, r), (out, r)
     threads = torch.get_num_threads()
@@ -188,19 +175,3 @@ def _run(
     da = total[: r * inn].view(r, inn).mul(scaling)
     db = total[r * inn :].view(r, out).t().contiguous().mul_(scaling)
     return da, db.unsqueeze(0)
-
-
-@torch.library.custom_op("deltatune::lowrank_grads", mutates_args=(), device_types="cpu")
-def _operator(dy: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-    """The kernel as an operator that torch.compile's graphs call (traced only where it is loaded)."""
-    dy, x = (t if t.stride(-1) == 1 else t.contiguous() for t in (dy, x))
-    done = _run(dy, x, lora_a, lora_b, scaling, 0, [None] * 4)
-    if done is None:  # no scratch memory: the products the kernel stands for
-        h = x @ lora_a.t()
-        return (dy @ lora_b[0]).t() @ x * scaling, (dy.t() @ h * scaling).unsqueeze(0)
-    return done
-
-
-@_operator.register_fake
-def _(dy: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-    return lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)

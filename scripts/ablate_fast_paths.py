@@ -32,9 +32,9 @@ import torch
 from deltatune.bench import cases
 from deltatune.bench.measure import paired_ratio, round_robin
 from deltatune.kernels import lora as fast_lora
+from deltatune.kernels import native_kernels
 from deltatune.kernels import ssf as fast_ssf
 from deltatune.kernels._common import rows
-from deltatune.kernels.native import native_kernels
 
 
 def _no_sums(dy: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 import deltatune
 from deltatune import kernels
 from deltatune.bench.measure import count_saved, cuda_peak, resident_bytes
-from deltatune.kernels.native import native_kernels
+from deltatune.kernels import native_kernels
 from deltatune.methods.pruning import prune_adapters
 from deltatune.targeting import find_head, is_delta
 

@@ -3,8 +3,7 @@
 a partitioner that recomputes what the frozen backbone keeps anyway; ``native.py``: LoRA's rank-r gradients as one
 compiled CPU kernel (``lowrank.c``), built on first use."""
 
-from deltatune.kernels._common import disabled, is_enabled, recompute_inputs
+from deltatune.kernels._common import disabled, is_enabled, native_kernels, recompute_inputs
 from deltatune.kernels.compile import compile
-from deltatune.kernels.native import native_kernels
 
 __all__ = ["compile", "disabled", "is_enabled", "native_kernels", "recompute_inputs"]

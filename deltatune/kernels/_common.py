@@ -2,15 +2,18 @@
 
 ``disabled()`` switches the fast paths off inside a block, so the wrappers' plain formulas serve as the reference
 in tests and benchmarks; ``recompute_inputs`` chooses whether LoRA (and the adapter's down-projection) recompute
-their input in backward instead of keeping a copy. Both are
+their input in backward instead of keeping a copy; ``native_kernels`` whether LoRA's rank-r gradients may run as
+the compiled CPU kernel (``kernels.native``; ``DELTATUNE_NATIVE=0`` sets its default off). All are
 context variables: a block in one thread never changes what another thread runs.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +22,17 @@ from torch.autograd import forward_ad
 # Context variables: each thread (and asyncio task) sees its own setting, so switching in one never affects another.
 _ENABLED: ContextVar[bool] = ContextVar("deltatune_fast_paths", default=True)
 _RECOMPUTE: ContextVar[bool | None] = ContextVar("deltatune_lora_recompute", default=None)  # None: the default (on)
+_NATIVE: ContextVar[bool] = ContextVar("deltatune_native", default=os.environ.get("DELTATUNE_NATIVE", "1") != "0")
+
+
+@contextmanager
+def _setting(var: ContextVar[Any], value: Any) -> Iterator[None]:
+    """``var`` set to ``value`` inside the block, in this thread (and asyncio task) only."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
 
 
 def is_enabled() -> bool:
@@ -32,25 +46,26 @@ def is_enabled() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is None and forward_ad._current_level < 0
 
 
-@contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> AbstractContextManager[None]:
     """Runs the wrappers' plain formulas inside the block: the reference the fast paths are checked against."""
-    token = _ENABLED.set(False)
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
+    return _setting(_ENABLED, False)
 
 
-@contextmanager
-def recompute_inputs(enabled: bool | None) -> Iterator[None]:
+def recompute_inputs(enabled: bool | None) -> AbstractContextManager[None]:
     """Inside the block LoRA recomputes x from its LayerNorm/GELU producer's kept tensors (True), keeps x (False),
     or does the default (None: recompute, on every device); in this thread only."""
-    token = _RECOMPUTE.set(enabled)
-    try:
-        yield
-    finally:
-        _RECOMPUTE.reset(token)
+    return _setting(_RECOMPUTE, enabled)
+
+
+def native_kernels(enabled: bool) -> AbstractContextManager[None]:
+    """Inside the block LoRA's compiled CPU kernel serves where it applies (True) or the PyTorch matmuls always do
+    (False); in this thread only."""
+    return _setting(_NATIVE, enabled)
+
+
+def wants_native() -> bool:
+    """Whether LoRA's rank-r gradients may run as the compiled CPU kernel here (``native_kernels``)."""
+    return _NATIVE.get()
 
 
 def wants_recompute(x: Tensor) -> bool:

@@ -2,14 +2,16 @@
 
 Eager PyTorch computes ``dA = s (dy B)^T x`` and ``dB = s dy^T (x A^T)`` as four skinny matmuls, each reading a whole
 activation from memory for r multiply-adds per element. The kernel reads each row block of ``dy`` and ``x`` once and
-does all four products on it while it is in cache (vit_small@112, b32, 2 threads: the products' time in a step from
-66 to 44 ms, ``scripts/ablate_fast_paths.py --pieces``).
+does all four products on it while it is in cache; after a LayerNorm it recomputes x per block from the LayerNorm's
+input, mean and rstd, so x is never written out whole (vit_small@112, b32, all linears, 2 threads: the products and
+the LayerNorm recompute from 96 to 70 ms a step, the step from 1.099x to 1.068x the floor,
+``scripts/ablate_fast_paths.py --pieces``). Results are deterministic for a given thread count.
 
 It is built on first use with the system C compiler (``$CC``, else ``cc`` or ``gcc``; ``-O3 -march=native
 -fopenmp``), cached under ``$DELTATUNE_KERNEL_CACHE`` (default ``~/.cache/deltatune/kernels``) by a hash of the
 source, flags and CPU, and loaded with ctypes; its OpenMP threads are the ones torch's own libgomp runs. Without a
 compiler, or where a build fails, a warning says so once and the PyTorch ops serve. ``DELTATUNE_NATIVE=0`` or
-``native_kernels(False)`` switches it off.
+``kernels.native_kernels(False)`` switches it off.
 """
 
 from __future__ import annotations
@@ -23,33 +25,20 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from deltatune.kernels._common import rows
+from deltatune.kernels._common import native_kernels, rows, wants_native
+
+__all__ = ["RANKS", "library", "lowrank_grads", "native_kernels"]
 
 RANKS = (4, 8, 16)  # compiled per rank: the rank sizes the kernel's registers
 SOURCE = Path(__file__).with_name("lowrank.c")
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"))  # the second where -march=native fails
 FALLBACK = "LoRA's CPU backward runs its rank-r products as PyTorch matmuls (slower)"
-_ENABLED: ContextVar[bool] = ContextVar("deltatune_native", default=os.environ.get("DELTATUNE_NATIVE", "1") != "0")
-
-
-@contextmanager
-def native_kernels(enabled: bool) -> Iterator[None]:
-    """Inside the block the compiled kernel serves where it applies (True) or the PyTorch ops always do (False); in
-    this thread only."""
-    token = _ENABLED.set(enabled)
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
 
 
 def _cache_dir() -> Path:
@@ -145,7 +134,7 @@ def lowrank_grads(
     backward that builds a graph: the kernel is not differentiable; torch.compile's graphs, where calling it as an
     operator measured no faster than inductor's matmuls) or cannot be built."""
     r = lora_b.shape[2]
-    if not _ENABLED.get() or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not wants_native() or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
     if lora_b.shape[0] != 1 or r not in RANKS or not _floats(dy, lora_a, lora_b) or library(r) is None:
         return None

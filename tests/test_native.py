@@ -108,7 +108,7 @@ def test_fast_path_uses_the_kernel_and_matches_the_matmuls() -> None:
     assert calls.count(("recipe", True)) == 2 * blocks - 1
     assert calls.count(("x", True)) == 2 * blocks + 1
     assert calls.count(("recipe", False)) == blocks
-    with native.native_kernels(False):
+    with deltatune.kernels.native_kernels(False):
         matmuls = _grads(model, x, params)
     with deltatune.kernels.disabled():
         plain = _grads(model, x, params)
@@ -124,7 +124,7 @@ def test_kernel_stays_out_of_graph_building_backwards() -> None:
         assert native.lowrank_grads(dy.double(), x.double(), a.double(), b.double(), 1.0) is None  # float64
         assert native.lowrank_grads(dy, x, torch.randn(3, 16), torch.randn(1, 16, 3), 1.0) is None  # rank 3
         assert native.lowrank_grads(dy, x, a, torch.randn(2, 8, 8), 1.0) is None  # two chunks
-        with native.native_kernels(False):
+        with deltatune.kernels.native_kernels(False):
             assert native.lowrank_grads(dy, x, a, b, 1.0) is None
 
 

@@ -31,9 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltatune.kernels._common import native_kernels, rows, wants_native
-
-__all__ = ["RANKS", "library", "lowrank_grads", "native_kernels"]
+from deltatune.kernels._common import rows, wants_native
 
 RANKS = (4, 8, 16)  # compiled per rank: the rank sizes the kernel's registers
 SOURCE = Path(__file__).with_name("lowrank.c")
@@ -136,17 +134,25 @@ def lowrank_grads(
     r = lora_b.shape[2]
     if not wants_native() or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    if lora_b.shape[0] != 1 or r not in RANKS or not _floats(dy, lora_a, lora_b) or library(r) is None:
+    lib = library(r) if lora_b.shape[0] == 1 and r in RANKS and _floats(dy, lora_a, lora_b) else None
+    if lib is None:
         return None
     n = dy.shape[0]
     src, extra = (x, [None] * 4) if recipe is None else (_layer_norm(recipe, n) or (None, None))
     if src is None or not _floats(src) or src.shape[0] != n or dy.stride(1) != 1 or src.stride(1) != 1:
         return None
-    return _run(dy, src, lora_a, lora_b, scaling, int(recipe is not None), extra)
+    return _run(lib, dy, src, lora_a, lora_b, scaling, int(recipe is not None), extra)
 
 
 def _run(
-    dy: Tensor, src: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, kind: int, extra: list[Tensor | None]
+    lib: ctypes.CDLL,
+    dy: Tensor,
+    src: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    kind: int,
+    extra: list[Tensor | None],
 ) -> tuple[Tensor, Tensor] | None:
     """The kernel's call on CPU float32 rows with unit column stride; None where its scratch could not be had (the
     matmuls serve)."""
@@ -154,7 +160,7 @@ def _run(
     at, b = lora_a.detach().t().contiguous(), lora_b[0].detach().contiguous()  # (in, r), (out, r)
     threads = torch.get_num_threads()
     work = dy.new_zeros(threads, r * (inn + out))  # one slice per thread, summed below: no atomics
-    ran = library(r).lowrank_grads(
+    ran = lib.lowrank_grads(
         n, inn, out, dy.data_ptr(), dy.stride(0), src.data_ptr(), src.stride(0), at.data_ptr(), b.data_ptr(),
         work.data_ptr(), threads, kind, *map(_ptr, extra),
     )  # fmt: skip
